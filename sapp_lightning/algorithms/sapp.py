@@ -1,0 +1,75 @@
+"""SequentialAttention++: a trainable softmax attention per block ranks the blocks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..blocks import BlockLayout
+from .base import BlockReparam, PrunedLayer, PruningAlgorithm, register
+
+
+class BlockAttention(BlockReparam):
+    """``weight * expand(A * mask)`` with ``A = N * softmax(logits)`` over the layer's N blocks.
+
+    The logits start at 0, so ``A`` is 1 everywhere and the layer is unchanged. ``clip`` bounds
+    ``A`` to ``[clip, 1 / clip]`` (SPEC section 6 #3: ``clip = 1 - target sparsity``).
+    The logits stay float32 whatever the weight's dtype.
+    """
+
+    def __init__(self, layout: BlockLayout, clip: float | None = None) -> None:
+        super().__init__(layout)
+        self.logits = nn.Parameter(torch.zeros(layout.grid_shape, dtype=torch.float32))
+        self.clip = clip
+
+    def attention(self) -> Tensor:
+        logits = self.logits.float()
+        attention = logits.numel() * torch.softmax(logits.reshape(-1), dim=0).reshape(logits.shape)
+        if self.clip is not None and self.clip < 1.0:
+            attention = attention.clamp(self.clip, 1.0 / self.clip)
+        return attention
+
+    def block_scale(self, weight: Tensor) -> Tensor:
+        return self.attention() * self.block_mask
+
+    def extra_repr(self) -> str:
+        return f"grid={tuple(self.logits.shape)}, clip={self.clip}"
+
+
+@register("sapp")
+class SequentialAttentionPP(PruningAlgorithm):
+    """Blocks ranked by their attention alone; dense / sparsification / sparse cycles.
+
+    ``prune_mode="mask"`` (default, Algorithm 1) keeps pruned values under a zero mask;
+    ``"zero"`` also zeroes them when they are pruned, so regrown blocks restart from 0.
+    """
+
+    plan_kind = "sapp"
+    default_prune_mode = "mask"
+    has_trainable_state = True
+
+    def __init__(self, prune_mode=None, *, sparsity: float = 0.0, attention_clipping: bool = True, **options):
+        super().__init__(prune_mode, **options)
+        self.clip = (1.0 - sparsity) if attention_clipping and sparsity > 0 else None
+
+    def make_reparam(self, layout: BlockLayout) -> BlockAttention:
+        return BlockAttention(layout, clip=self.clip)
+
+    def block_scores(self, layer: PrunedLayer) -> Tensor:
+        assert isinstance(layer.reparam, BlockAttention)
+        return layer.reparam.logits.detach()
+
+    def extra_parameters(self, layer: PrunedLayer) -> list[nn.Parameter]:
+        assert isinstance(layer.reparam, BlockAttention)
+        return [layer.reparam.logits]
+
+    @property
+    def zeroes_pruned_weights(self) -> bool:
+        return self.prune_mode == "zero"
+
+
+def logit_sq_norm(layers: list[PrunedLayer]) -> float:
+    """Sum of squared logits over ``layers`` (for logging the L2 term)."""
+    return math.fsum(float(layer.reparam.logits.detach().square().sum()) for layer in layers)

@@ -1,0 +1,207 @@
+"""How a weight tensor is seen as a kernel matrix and cut into blocks.
+
+Pure torch, no Lightning. Blocks live in the paper's orientation: the *kernel matrix* is
+``fan_in x fan_out`` (TensorFlow's ``y = x @ W``):
+
+* ``nn.Linear``: ``kernel = weight.T``
+* ``nn.Conv2d``: ``kernel = weight.permute(2, 3, 1, 0).reshape(kh * kw * cin, cout)``
+* ``nn.Embedding``: ``kernel = weight`` (rows are table entries)
+
+A block size ``(rows, cols)`` tiles the kernel; where it does not divide a dimension the edge
+blocks are smaller and each still counts as one block (SPEC section 2.3).
+
+Example:
+    >>> import torch
+    >>> layout = BlockLayout.for_weight(torch.nn.Linear(390, 400).weight, block_size=20)
+    >>> layout.grid_shape, layout.num_blocks
+    ((20, 20), 400)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+KernelKind = Literal["linear", "conv2d", "embedding"]
+BlockSize = int | tuple[int, int]
+
+
+def normalize_block_size(block_size: BlockSize) -> tuple[int, int]:
+    """Return ``(rows, cols)`` for an int or a pair, raising ``ValueError`` when below 1."""
+    if isinstance(block_size, bool):
+        raise ValueError(f"block_size must be an int or a (rows, cols) pair of ints >= 1, got {block_size!r}")
+    if isinstance(block_size, int):
+        pair = (block_size, block_size)
+    else:
+        try:
+            pair = tuple(int(v) for v in block_size)
+        except TypeError:
+            raise ValueError(
+                f"block_size must be an int or a (rows, cols) pair of ints >= 1, got {block_size!r}"
+            ) from None
+        if len(pair) != 2 or any(float(v) != float(orig) for v, orig in zip(pair, block_size)):
+            raise ValueError(f"block_size must be an int or a (rows, cols) pair of ints >= 1, got {block_size!r}")
+    if min(pair) < 1:
+        raise ValueError(f"block_size must be >= 1 in both dimensions, got {block_size!r}")
+    return pair  # type: ignore[return-value]
+
+
+def kernel_kind(module: nn.Module) -> KernelKind | None:
+    """The kernel layout used for ``module``'s weight, or ``None`` if it cannot be blocked."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        return "conv2d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The block grid of one weight tensor, in the fan_in x fan_out kernel orientation."""
+
+    kind: KernelKind
+    weight_shape: tuple[int, ...]
+    block_size: tuple[int, int]
+
+    @classmethod
+    def for_weight(cls, weight: Tensor, block_size: BlockSize, kind: KernelKind | None = None) -> BlockLayout:
+        """Layout for a weight; ``kind`` defaults to ``linear`` for 2-D and ``conv2d`` for 4-D tensors."""
+        if kind is None:
+            kind = {2: "linear", 4: "conv2d"}.get(weight.dim())
+            if kind is None:
+                raise ValueError(f"cannot block a {weight.dim()}-D weight; expected 2-D (Linear) or 4-D (Conv2d)")
+        return cls(kind, tuple(weight.shape), normalize_block_size(block_size))
+
+    @classmethod
+    def for_module(cls, module: nn.Module, block_size: BlockSize) -> BlockLayout:
+        kind = kernel_kind(module)
+        if kind is None:
+            raise ValueError(f"cannot block the weight of {type(module).__name__}")
+        return cls(kind, tuple(module.weight.shape), normalize_block_size(block_size))
+
+    # --- shapes -------------------------------------------------------------------------------
+    @property
+    def kernel_shape(self) -> tuple[int, int]:
+        if self.kind == "linear":
+            out_features, in_features = self.weight_shape
+            return in_features, out_features
+        if self.kind == "conv2d":
+            cout, cin, kh, kw = self.weight_shape
+            return kh * kw * cin, cout
+        rows, cols = self.weight_shape
+        return rows, cols
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        (n, m), (r, c) = self.kernel_shape, self.block_size
+        return math.ceil(n / r), math.ceil(m / c)
+
+    @property
+    def num_blocks(self) -> int:
+        gr, gc = self.grid_shape
+        return gr * gc
+
+    @property
+    def num_weights(self) -> int:
+        return math.prod(self.weight_shape)
+
+    def block_weight_counts(self) -> Tensor:
+        """Number of weights in each block (edge blocks hold fewer), shape ``grid_shape``."""
+        (n, m), (r, c) = self.kernel_shape, self.block_size
+        rows = torch.full((self.grid_shape[0],), r, dtype=torch.long)
+        cols = torch.full((self.grid_shape[1],), c, dtype=torch.long)
+        rows[-1] = n - r * (self.grid_shape[0] - 1)
+        cols[-1] = m - c * (self.grid_shape[1] - 1)
+        return rows[:, None] * cols[None, :]
+
+    # --- kernel view --------------------------------------------------------------------------
+    def to_kernel(self, weight: Tensor) -> Tensor:
+        """The fan_in x fan_out kernel matrix of ``weight`` (a view where possible)."""
+        if self.kind == "linear":
+            return weight.t()
+        if self.kind == "conv2d":
+            cout, cin, kh, kw = self.weight_shape
+            return weight.permute(2, 3, 1, 0).reshape(kh * kw * cin, cout)
+        return weight
+
+    def from_kernel(self, kernel: Tensor) -> Tensor:
+        """Inverse of :meth:`to_kernel` (a view of ``kernel``)."""
+        if self.kind == "linear":
+            return kernel.t()
+        if self.kind == "conv2d":
+            cout, cin, kh, kw = self.weight_shape
+            return kernel.reshape(kh, kw, cin, cout).permute(3, 2, 0, 1)
+        return kernel
+
+    # --- block <-> weight ---------------------------------------------------------------------
+    def expand(self, per_block: Tensor) -> Tensor:
+        """Broadcast one value per block (shape ``grid_shape``) to the weight's shape."""
+        (n, m), (r, c) = self.kernel_shape, self.block_size
+        kernel = per_block.repeat_interleave(r, dim=0)[:n].repeat_interleave(c, dim=1)[:, :m]
+        return self.from_kernel(kernel)
+
+    def scale(self, weight: Tensor, per_block: Tensor) -> Tensor:
+        """``weight * expand(per_block)``, without materializing the expansion when blocks tile exactly."""
+        (n, m), (r, c) = self.kernel_shape, self.block_size
+        gr, gc = self.grid_shape
+        per_block = per_block.to(weight.dtype)
+        if n % r == 0 and m % c == 0:
+            if self.kind == "linear":  # weight is (out=m, in=n): tile as (gc, c, gr, r)
+                tiled = weight.reshape(gc, c, gr, r) * per_block.t()[:, None, :, None]
+                return tiled.reshape(self.weight_shape)
+            if self.kind == "embedding":
+                tiled = weight.reshape(gr, r, gc, c) * per_block[:, None, :, None]
+                return tiled.reshape(self.weight_shape)
+            cout, cin, kh, kw = self.weight_shape
+            if cin % r == 0:  # a block's rows are r consecutive input channels at one tap
+                grid = per_block.reshape(kh, kw, cin // r, gc).permute(3, 2, 0, 1)  # (gc, cin/r, kh, kw)
+                tiled = weight.reshape(gc, c, cin // r, r, kh, kw) * grid[:, None, :, None, :, :]
+                return tiled.reshape(self.weight_shape)
+        return weight * self.expand(per_block)
+
+    def block_sq_norms(self, weight: Tensor) -> Tensor:
+        """Squared Frobenius norm of each block, shape ``grid_shape``, in float32 or wider."""
+        (n, m), (r, c) = self.kernel_shape, self.block_size
+        gr, gc = self.grid_shape
+        kernel = self.to_kernel(weight)
+        if kernel.dtype in (torch.float16, torch.bfloat16):
+            kernel = kernel.float()
+        sq = kernel.square()
+        if n % r or m % c:
+            sq = torch.nn.functional.pad(sq, (0, gc * c - m, 0, gr * r - n))
+        return sq.reshape(gr, r, gc, c).sum(dim=(1, 3))
+
+    def block_norms(self, weight: Tensor) -> Tensor:
+        """Frobenius norm of each block, shape ``grid_shape``."""
+        return self.block_sq_norms(weight).sqrt()
+
+
+def keep_count(num_blocks: int, sparsity: float) -> int:
+    """Blocks a layer keeps at ``sparsity``: ``max(1, round((1 - sparsity) * num_blocks))``."""
+    return max(1, round((1.0 - sparsity) * num_blocks))
+
+
+def top_k_mask(scores: Tensor, k: int, eligible: Tensor | None = None) -> Tensor:
+    """Boolean mask keeping the ``k`` highest ``scores`` among ``eligible`` blocks.
+
+    Ties go to the lower flat index, so the result is deterministic on every device and rank.
+    If fewer than ``k`` blocks are eligible, all eligible blocks are kept.
+
+    Example:
+        >>> top_k_mask(torch.tensor([[1.0, 3.0], [3.0, 0.0]]), k=2).tolist()
+        [[False, True], [True, False]]
+    """
+    flat = scores.detach().reshape(-1).float()
+    if eligible is not None:
+        flat = torch.where(eligible.reshape(-1), flat, torch.full_like(flat, -math.inf))
+        k = min(k, int(eligible.sum()))
+    order = torch.sort(flat, descending=True, stable=True).indices[:k]
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=scores.device)
+    mask[order] = True
+    return mask.reshape(scores.shape)
