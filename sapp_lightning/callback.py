@@ -235,13 +235,15 @@ class BlockPruning(Callback):
         for cand in candidates:
             reparam = self.algorithm.make_reparam(cand.layout)
             weight = cand.module.weight
+            layer = PrunedLayer(cand.name, cand.module, cand.layout, None)  # records the parameter order
             if reparam is not None:
                 reparam.to(weight.device)
                 parametrize.register_parametrization(cand.module, "weight", reparam)
             else:
                 mask = torch.ones(cand.layout.grid_shape, dtype=torch.bool, device=weight.device)
                 cand.module.register_buffer(MASK_BUFFER, mask)
-            self.layers.append(PrunedLayer(cand.name, cand.module, cand.layout, reparam))
+            layer.reparam = reparam
+            self.layers.append(layer)
         self._sparsify_start = [0.0] * len(self.layers)
         self._model = pl_module
         # torch tags hook objects, which bound methods do not allow: wrap them in functions.

@@ -61,9 +61,11 @@ class PrunedLayer:
     layout: BlockLayout
     reparam: BlockReparam | None
     num_kept: int = field(init=False)
+    parameter_order: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.num_kept = self.layout.num_blocks
+        self.parameter_order = tuple(self.module._parameters)
 
     @property
     def mask(self) -> Tensor:
@@ -101,6 +103,11 @@ class PrunedLayer:
         if self.reparam is not None:
             parametrize.remove_parametrizations(self.module, "weight", leave_parametrized=True)
             self.reparam = None
+            # removal re-registers ``weight`` last; restore the original order of the state_dict keys
+            params = self.module._parameters
+            for name in self.parameter_order:
+                if name in params:
+                    params[name] = params.pop(name)
         else:
             self.zero_pruned_()
             delattr(self.module, MASK_BUFFER)

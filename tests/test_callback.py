@@ -1,0 +1,387 @@
+"""Trainer runs of every algorithm on a tiny model: what a user relies on after fit returns."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import ALGORITHM_IDS, TinyNet, make_trainer, tiny_loader
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from sapp_lightning import BlockPruning, Phase, block_sparsity, keep_count
+from sapp_lightning.algorithms import BlockAttention
+
+BLOCK = 4
+PRUNED = {"conv": 14, "fc1": 192}  # blocks per pruned layer; fc2 (6 blocks) stays dense with min_blocks=10
+SHORT_PLAN = [("dense", 0.2), ("sparsify", 0.4), ("sparse", 0.2), ("dense", 0.1), ("sparse", 0.1)]
+
+
+def pruning(algorithm: str, sparsity: float = 0.5, **kwargs) -> BlockPruning:
+    kwargs.setdefault("plan", SHORT_PLAN if algorithm == "sapp" else "imagenet")
+    return BlockPruning(algorithm, sparsity=sparsity, block_size=BLOCK, min_blocks=10, **kwargs)
+
+
+class Recorder(pl.Callback):
+    """Placed before BlockPruning: sees the masked model at fit end, before the commit."""
+
+    def __init__(self, probe):
+        self.probe = probe
+
+    def on_fit_end(self, trainer, pl_module):
+        with torch.no_grad():
+            self.output = pl_module(self.probe).clone()
+        self.weights = {n: m.weight.detach().clone() for n, m in pl_module.named_children()}
+
+
+class StepProbe(pl.Callback):
+    """Placed after BlockPruning: records its state after each optimizer step."""
+
+    def __init__(self, pruning):
+        self.pruning, self.rows = pruning, []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.rows.append(
+            {
+                "step": trainer.global_step,
+                "phase": self.pruning.phase,
+                "kept": [layer.num_kept for layer in self.pruning.layers],
+                "masks": [layer.mask.clone() for layer in self.pruning.layers],
+                "optimizer_state": sum(len(opt.state) for opt in trainer.optimizers),
+                "target": self.pruning.target_sparsity(),
+            }
+        )
+
+
+def fit(tmp_path, algorithm, sparsity=0.5, model=None, extra_callbacks=(), **kwargs):
+    torch.manual_seed(0)
+    model = model or TinyNet()
+    callback = pruning(algorithm, sparsity, **kwargs)
+    recorder = Recorder(torch.randn(5, 3, 8, 8))
+    probe = StepProbe(callback)
+    trainer = make_trainer(tmp_path, [recorder, callback, probe, *extra_callbacks])
+    keys_before = list(model.state_dict().keys())
+    trainer.fit(model, tiny_loader())
+    return model, callback, recorder, probe, keys_before
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHM_IDS)
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_every_pruned_layer_ends_at_the_target_with_exact_zero_blocks(tmp_path, algorithm, sparsity):
+    model, callback, _, _, _ = fit(tmp_path, algorithm, sparsity)
+    report = block_sparsity(model, BLOCK, min_blocks=10)
+    assert [layer.name for layer in report.layers] == list(PRUNED)
+    for layer in report.layers:
+        assert layer.num_blocks - layer.zero_blocks == keep_count(PRUNED[layer.name], sparsity)
+    dense = block_sparsity(model, BLOCK)["fc2"]
+    assert dense.zero_blocks == 0  # under min_blocks: untouched
+    assert callback.achieved_sparsity() == pytest.approx(
+        1 - sum(keep_count(n, sparsity) for n in PRUNED.values()) / sum(PRUNED.values())
+    )
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHM_IDS)
+def test_commit_leaves_plain_weights_with_the_original_keys_and_same_outputs(tmp_path, algorithm):
+    model, _, recorder, _, keys_before = fit(tmp_path, algorithm)
+    assert list(model.state_dict().keys()) == keys_before
+    for module in model.modules():
+        assert not hasattr(module, "parametrizations")
+        assert not any("block_mask" in name for name, _ in module.named_buffers())
+    assert all(isinstance(m.weight, torch.nn.Parameter) for m in (model.conv, model.fc1, model.fc2))
+    with torch.no_grad():
+        assert torch.equal(model(recorder.probe), recorder.output)
+    # loads into the same architecture with no trace of this package
+    plain = TinyNet()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(plain(recorder.probe), recorder.output)
+
+
+def test_sapp_folds_the_attention_into_the_committed_weight(tmp_path):
+    model, _, recorder, _, _ = fit(tmp_path, "sapp")
+    # weights recorded before commit are the effective ones (W * A * mask): commit keeps exactly those
+    assert torch.equal(model.fc1.weight, recorder.weights["fc1"])
+
+
+def test_sapp_sparsification_follows_the_exponential_schedule_and_only_shrinks(tmp_path):
+    _, callback, _, probe, _ = fit(tmp_path, "sapp", sparsity=0.9, attention_clipping=False)
+    schedule = callback.schedule
+    sparsify_rows = [r for r in probe.rows if r["phase"] is Phase.SPARSIFY]
+    assert len(sparsify_rows) >= 10
+    previous = None
+    for row in sparsify_rows:
+        tau = schedule.locate(row["step"]).tau
+        from sapp_lightning import exponential_sparsity
+
+        expected = [keep_count(n, exponential_sparsity(tau, 0.9, 4.0)) for n in PRUNED.values()]
+        assert row["kept"] == expected
+        if previous is not None:
+            for before, after in zip(previous["masks"], row["masks"]):
+                assert not (after & ~before).any(), "a block came back inside a sparsification phase"
+        previous = row
+    first_sparse = next(r for r in probe.rows if r["phase"] is Phase.SPARSE)
+    assert first_sparse["kept"] == [keep_count(n, 0.9) for n in PRUNED.values()]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHM_IDS)
+def test_optimizer_state_is_reset_at_every_phase_boundary(tmp_path, algorithm):
+    _, callback, _, probe, _ = fit(tmp_path, algorithm)
+    boundaries = {callback.schedule.start(i) for i in range(1, len(callback.schedule.ends))}
+    checked = 0
+    for row in probe.rows:
+        if row["step"] in boundaries:
+            assert row["optimizer_state"] == 0
+            checked += 1
+        elif row["step"] > 1:
+            assert row["optimizer_state"] > 0
+    assert checked == len(boundaries)
+
+
+def test_acdc_alternates_and_regrows_pruned_blocks_from_zero(tmp_path):
+    _, callback, _, probe, _ = fit(tmp_path, "acdc", sparsity=0.5, plan="criteo")
+    sparse_kept = [keep_count(n, 0.5) for n in PRUNED.values()]
+    for row in probe.rows:
+        assert row["kept"] == (sparse_kept if row["phase"] is Phase.SPARSE else list(PRUNED.values()))
+    phases = [row["phase"] for row in probe.rows]
+    assert phases.count(Phase.SPARSE) > 0 and phases.count(Phase.DENSE) > 0
+    switches = sum(1 for a, b in zip(phases, phases[1:]) if a != b)
+    assert switches >= 10
+
+
+def test_acdc_in_zero_mode_keeps_pruned_weights_at_zero_during_sparse_phases(tmp_path):
+    class WeightProbe(pl.Callback):
+        def __init__(self, cb):
+            self.cb, self.checked = cb, 0
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if self.cb.phase is Phase.SPARSE:
+                layer = self.cb.layers[1]
+                norms = layer.layout.block_norms(layer.raw_weight.detach())
+                assert (norms[~layer.mask] == 0).all()
+                assert (norms[layer.mask] > 0).all()
+                self.checked += 1
+
+    torch.manual_seed(0)
+    callback = pruning("acdc")
+    weight_probe = WeightProbe(callback)
+    make_trainer(tmp_path, [callback, weight_probe]).fit(TinyNet(), tiny_loader())
+    assert weight_probe.checked > 0
+
+
+def test_acdc_mask_mode_keeps_values_under_the_mask(tmp_path):
+    class Probe(pl.Callback):
+        seen = False
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            layer = callback.layers[1]
+            if callback.phase is Phase.SPARSE and not Probe.seen:
+                Probe.seen = True
+                raw = layer.layout.block_norms(layer.raw_weight.detach())
+                effective = layer.layout.block_norms(layer.effective_weight().detach())
+                assert (raw[~layer.mask] > 0).all() and (effective[~layer.mask] == 0).all()
+
+    torch.manual_seed(0)
+    callback = pruning("acdc", prune_mode="mask")
+    make_trainer(tmp_path, [callback, Probe()]).fit(TinyNet(), tiny_loader())
+    assert Probe.seen
+
+
+@pytest.mark.parametrize("algorithm", ["magnitude", "powerprop"])
+def test_one_shot_methods_prune_once_at_the_final_fine_tuning(tmp_path, algorithm):
+    _, callback, _, probe, _ = fit(tmp_path, algorithm)
+    start = callback.schedule.start(1)
+    assert start == round(0.85 * callback.schedule.total_steps)
+    for row in probe.rows:
+        expected = [keep_count(n, 0.5) for n in PRUNED.values()] if row["step"] >= start else list(PRUNED.values())
+        assert row["kept"] == expected
+
+
+def test_powerprop_starts_from_the_users_init():
+    torch.manual_seed(0)
+    model = TinyNet()
+    before = model.fc1.weight.detach().clone()
+    callback = pruning("powerprop")
+    callback.setup(None.__class__ and _FakeTrainer(callback), model, "fit")
+    torch.testing.assert_close(model.fc1.weight, before, rtol=1e-5, atol=1e-6)
+    raw = model.fc1.parametrizations.weight.original
+    layout = callback.layers[1].layout
+    assert not torch.allclose(raw, before)
+    torch.testing.assert_close(layout.block_norms(raw.detach()) ** 2, layout.block_norms(before))
+
+
+class _FakeTrainer:
+    def __init__(self, callback):
+        self.callbacks = [callback]
+
+
+def test_logits_reach_the_optimizer_when_configure_optimizers_left_them_out(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet(freeze_params=True)
+    callback = pruning("sapp")
+    trainer = make_trainer(tmp_path, [callback])
+    with pytest.warns(UserWarning, match="left out the 2 attention-logit tensor"):
+        trainer.fit(model, tiny_loader())
+    optimizer_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    logits = [m.logits for m in model.modules() if isinstance(m, BlockAttention)]
+    assert logits == []  # committed: gone from the model
+    assert len(callback.layers) == 2 and len(trainer.optimizers[0].param_groups) == 2
+    assert len(optimizer_params) == len(list(model.parameters())) + 2
+
+
+def test_logits_train_and_are_in_the_users_optimizer(tmp_path):
+    class LogitProbe(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            self.logits = [layer.reparam.logits.detach().clone() for layer in callback.layers]
+            ids = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+            self.in_optimizer = all(id(layer.reparam.logits) in ids for layer in callback.layers)
+
+    torch.manual_seed(0)
+    callback, probe = pruning("sapp"), LogitProbe()
+    make_trainer(tmp_path, [callback, probe]).fit(TinyNet(), tiny_loader())
+    assert probe.in_optimizer
+    assert all(logits.abs().max() > 0 for logits in probe.logits)
+    assert all(logits.dtype == torch.float32 for logits in probe.logits)
+
+
+def test_logit_l2_adds_exactly_its_gradient(tmp_path):
+    class SetLogits(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            torch.manual_seed(1)
+            for layer in self.cb.layers:
+                layer.reparam.logits.data.normal_(0, 0.1)
+            self.start = [layer.reparam.logits.detach().clone() for layer in self.cb.layers]
+
+        def on_train_end(self, trainer, pl_module):
+            self.end = [layer.reparam.logits.detach().clone() for layer in self.cb.layers]
+
+    def one_step(l2):
+        torch.manual_seed(0)
+        model = TinyNet(lr=0.1)
+        model.optimizer_name = "plain-sgd"
+        model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.1)
+        cb = pruning("sapp", logit_l2=l2)
+        probe = SetLogits()
+        probe.cb = cb
+        make_trainer(tmp_path, [cb, probe], max_epochs=None, max_steps=1).fit(model, tiny_loader())
+        return probe
+
+    plain, regularized = one_step(0.0), one_step(0.5)
+    for start, a, b in zip(plain.start, plain.end, regularized.end):
+        torch.testing.assert_close(a - b, 0.1 * 0.5 * start, rtol=1e-4, atol=1e-7)
+
+
+def test_logit_l2_defaults_to_the_weights_decay_unless_the_optimizer_decays_the_logits(tmp_path):
+    torch.manual_seed(0)
+    callback = pruning("sapp")
+    make_trainer(tmp_path, [callback], max_epochs=1).fit(TinyNet(weight_decay=1e-3), tiny_loader())
+    assert callback._logit_l2 == 0.0  # SGD already decays them with the weights
+    model = TinyNet(freeze_params=True)  # the logits get a group of their own, with SGD's default decay 0
+    model.configure_optimizers = lambda: torch.optim.SGD([{"params": model.frozen_params, "weight_decay": 1e-3}], lr=0.1)
+    callback = pruning("sapp")
+    with pytest.warns(UserWarning, match="left out"):
+        make_trainer(tmp_path, [callback], max_epochs=1).fit(model, tiny_loader())
+    assert callback._logit_l2 == 1e-3
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHM_IDS)
+def test_resume_inside_a_sparsification_phase_is_bit_identical(tmp_path, algorithm):
+    plan = [("dense", 0.2), ("sparsify", 0.4), ("sparse", 0.2), ("dense", 0.1), ("sparse", 0.1)]
+
+    def run(ckpt_path=None, checkpoint=None):
+        torch.manual_seed(0)
+        model = TinyNet(optimizer="adam", lr=1e-2)
+        cb = pruning(algorithm, plan=plan)
+        callbacks = [cb] + ([checkpoint] if checkpoint else [])
+        trainer = make_trainer(tmp_path, callbacks, enable_checkpointing=checkpoint is not None)
+        trainer.fit(model, tiny_loader(), ckpt_path=ckpt_path)
+        return model, cb
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    full, _ = run(checkpoint=saver)
+    middle = tmp_path / "ckpt" / "epoch=2-step=24.ckpt"  # step 24 of 80: inside sparsify [16, 48)
+    state = torch.load(middle, weights_only=False)["callbacks"]["BlockPruning"]
+    assert state["segment_index"] == 1
+    resumed, _ = run(ckpt_path=middle)
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+# --- errors: one test per message ---------------------------------------------------------------
+def test_unknown_algorithm_lists_the_four():
+    with pytest.raises(ValueError, match="unknown algorithm 'sa'; expected one of 'acdc', 'magnitude', 'powerprop', 'sapp'"):
+        BlockPruning("sa", sparsity=0.5, block_size=4)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, "0.5", None, True])
+def test_sparsity_outside_range(bad):
+    with pytest.raises(ValueError, match=re.escape("sparsity must be a number in [0, 1)")):
+        BlockPruning("acdc", sparsity=bad, block_size=4)
+
+
+@pytest.mark.parametrize("bad", [0, -2, (4, 0)])
+def test_block_size_below_one(bad):
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        BlockPruning("acdc", sparsity=0.5, block_size=bad)
+
+
+def test_plan_not_covering_training():
+    with pytest.raises(ValueError, match="must cover training exactly"):
+        BlockPruning("acdc", sparsity=0.5, block_size=4, plan=[("dense", 0.5), ("sparse", 0.3)])
+
+
+def test_invalid_regex():
+    with pytest.raises(ValueError, match="include holds an invalid regular expression"):
+        BlockPruning("acdc", sparsity=0.5, block_size=4, include=["fc("])
+
+
+def test_bad_prune_mode():
+    with pytest.raises(ValueError, match="prune_mode must be one of 'zero', 'mask'"):
+        BlockPruning("acdc", sparsity=0.5, block_size=4, prune_mode="delete")
+
+
+def test_no_layer_with_enough_blocks_leaves_the_model_untouched(tmp_path):
+    model = TinyNet()
+    before = copy.deepcopy(model.state_dict())
+    callback = BlockPruning("sapp", sparsity=0.5, block_size=64)
+    with pytest.raises(ValueError, match=r"no layer has at least min_blocks=100 blocks of size \(64, 64\)"):
+        make_trainer(tmp_path, [callback]).fit(model, tiny_loader())
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+def test_no_candidate_layer(tmp_path):
+    callback = BlockPruning("acdc", sparsity=0.5, block_size=4, include=["nothing_matches"])
+    with pytest.raises(ValueError, match="no layer to prune"):
+        make_trainer(tmp_path, [callback]).fit(TinyNet(), tiny_loader())
+
+
+def test_curves_reach_every_logger(tmp_path):
+    import pandas as pd
+    from pytorch_lightning.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    logger = CSVLogger(tmp_path, name="run")
+    callback = pruning("sapp", sparsity=0.75)
+    make_trainer(tmp_path, [callback], logger=logger, log_every_n_steps=1).fit(TinyNet(), tiny_loader())
+    metrics = pd.read_csv(logger.experiment.metrics_file_path)
+    steps = metrics.dropna(subset=["pruning/sparsity"])
+    assert {"pruning/sparsity", "pruning/target_sparsity", "pruning/phase"} <= set(metrics.columns)
+    assert steps["pruning/target_sparsity"].max() == 0.75
+    assert set(steps["pruning/phase"].unique()) == {0.0, 1.0, 2.0}
+    assert steps["pruning/sparsity"].iloc[-1] == pytest.approx(callback.achieved_sparsity())
+    per_layer = metrics.dropna(subset=["pruning/layer/fc1"])
+    assert len(per_layer) == len(callback.plan.segments) - 1  # one row per phase end
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_evaluation_without_fit_leaves_the_model_alone(tmp_path, stage):
+    model = TinyNet()
+    model.test_step = model.validation_step
+    model.predict_step = lambda batch, *args: model(batch[0])
+    keys = list(model.state_dict())
+    trainer = make_trainer(tmp_path, [pruning("sapp")])
+    getattr(trainer, stage)(model, tiny_loader())
+    assert list(model.state_dict()) == keys
