@@ -113,7 +113,9 @@ class BlockPruning(Callback):
         if isinstance(min_blocks, bool) or not isinstance(min_blocks, int) or min_blocks < 0:
             raise ValueError(f"min_blocks must be an int >= 0, got {min_blocks!r}")
         if prune_mode is not None and prune_mode not in PRUNE_MODES:
-            raise ValueError(f"prune_mode must be one of {', '.join(map(repr, PRUNE_MODES))} or None, got {prune_mode!r}")
+            raise ValueError(
+                f"prune_mode must be one of {', '.join(map(repr, PRUNE_MODES))} or None, got {prune_mode!r}"
+            )
         if not (isinstance(schedule_exponent, int | float) and schedule_exponent > 0):
             raise ValueError(f"schedule_exponent must be > 0, got {schedule_exponent!r}")
         if logit_l2 is not None and not (isinstance(logit_l2, int | float) and logit_l2 >= 0):
@@ -336,7 +338,9 @@ class BlockPruning(Callback):
             return
         index = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), None)
         if index is None:  # a LightningOptimizer wrapper
-            index = next((i for i, opt in enumerate(trainer.optimizers) if opt is getattr(optimizer, "optimizer", None)), 0)
+            index = next(
+                (i for i, opt in enumerate(trainer.optimizers) if opt is getattr(optimizer, "optimizer", None)), 0
+            )
         with torch.no_grad():
             for logits in self._logits_by_optimizer[index]:
                 if logits.grad is None:
@@ -448,7 +452,9 @@ class BlockPruning(Callback):
     @rank_zero_only
     def _log_phase_end(self, trainer: pl.Trainer) -> None:
         """Per-layer sparsity straight to every logger (not thinned by ``log_every_n_steps``)."""
-        metrics = {f"pruning/layer/{layer.name}": 1.0 - layer.num_kept / layer.layout.num_blocks for layer in self.layers}
+        metrics = {
+            f"pruning/layer/{layer.name}": 1.0 - layer.num_kept / layer.layout.num_blocks for layer in self.layers
+        }
         metrics["pruning/sparsity"] = self.achieved_sparsity()
         metrics["pruning/phase"] = float(self.phase if self.phase is not None else 0)
         for logger in trainer.loggers:

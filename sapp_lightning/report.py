@@ -51,7 +51,9 @@ class SparsityReport:
     @property
     def weight_sparsity(self) -> float:
         """Weights inside all-zero blocks over all weights listed (the paper's "real sparsity")."""
-        return sum(layer.zero_weights for layer in self.layers) / max(1, sum(layer.num_weights for layer in self.layers))
+        return sum(layer.zero_weights for layer in self.layers) / max(
+            1, sum(layer.num_weights for layer in self.layers)
+        )
 
     def __getitem__(self, name: str) -> LayerSparsity:
         for layer in self.layers:
@@ -125,5 +127,3 @@ def block_sparsity(
         if cand.layout.num_blocks >= min_blocks
     ]
     return SparsityReport(normalize_block_size(block_size), tuple(layers))
-
-

@@ -82,17 +82,20 @@ def _cycle(*segments: tuple[str, float], times: int) -> list[tuple[str, float]]:
 # The paper's plans (SPEC section 1.5), in percent of training.
 _NAMED_PLANS: dict[str, list[tuple[str, float]]] = {
     # 10% dense, 7 x (sparse 5, dense 5) with the last dense lengthened by 5%, 15% sparse.
-    "imagenet_acdc": [("dense", 10)] + _cycle(("sparse", 5), ("dense", 5), times=6)
+    "imagenet_acdc": [("dense", 10)]
+    + _cycle(("sparse", 5), ("dense", 5), times=6)
     + [("sparse", 5), ("dense", 10), ("sparse", 15)],
     # The first six sparse-dense cycles become sparsify-sparse-dense (equal thirds, SPEC 6 #4);
     # the seventh with its extension becomes one sparsification phase.
-    "imagenet_sapp": [("dense", 10)] + _cycle(("sparsify", 10 / 3), ("sparse", 10 / 3), ("dense", 10 / 3), times=6)
+    "imagenet_sapp": [("dense", 10)]
+    + _cycle(("sparsify", 10 / 3), ("sparse", 10 / 3), ("dense", 10 / 3), times=6)
     + [("sparsify", 15), ("sparse", 15)],
     "imagenet_oneshot": [("dense", 85), ("sparse", 15)],
     # 20% dense, 10 x (sparse 3, dense 3), 20% sparse.
     "criteo_acdc": [("dense", 20)] + _cycle(("sparse", 3), ("dense", 3), times=10) + [("sparse", 20)],
     # The same rewrite as on ImageNet (SPEC 6 #5).
-    "criteo_sapp": [("dense", 20)] + _cycle(("sparsify", 2), ("sparse", 2), ("dense", 2), times=9)
+    "criteo_sapp": [("dense", 20)]
+    + _cycle(("sparsify", 2), ("sparse", 2), ("dense", 2), times=9)
     + [("sparsify", 6), ("sparse", 20)],
     "criteo_oneshot": [("dense", 80), ("sparse", 20)],
 }

@@ -278,7 +278,9 @@ def test_logit_l2_defaults_to_the_weights_decay_unless_the_optimizer_decays_the_
     make_trainer(tmp_path, [callback], max_epochs=1).fit(TinyNet(weight_decay=1e-3), tiny_loader())
     assert callback._logit_l2 == 0.0  # SGD already decays them with the weights
     model = TinyNet(freeze_params=True)  # the logits get a group of their own, with SGD's default decay 0
-    model.configure_optimizers = lambda: torch.optim.SGD([{"params": model.frozen_params, "weight_decay": 1e-3}], lr=0.1)
+    model.configure_optimizers = lambda: torch.optim.SGD(
+        [{"params": model.frozen_params, "weight_decay": 1e-3}], lr=0.1
+    )
     callback = pruning("sapp")
     with pytest.warns(UserWarning, match="left out"):
         make_trainer(tmp_path, [callback], max_epochs=1).fit(model, tiny_loader())
@@ -310,7 +312,9 @@ def test_resume_inside_a_sparsification_phase_is_bit_identical(tmp_path, algorit
 
 # --- errors: one test per message ---------------------------------------------------------------
 def test_unknown_algorithm_lists_the_four():
-    with pytest.raises(ValueError, match="unknown algorithm 'sa'; expected one of 'acdc', 'magnitude', 'powerprop', 'sapp'"):
+    with pytest.raises(
+        ValueError, match="unknown algorithm 'sa'; expected one of 'acdc', 'magnitude', 'powerprop', 'sapp'"
+    ):
         BlockPruning("sa", sparsity=0.5, block_size=4)
 
 

@@ -47,7 +47,11 @@ def test_criteo_plans():
     assert phases(PhasePlan.named("criteo_acdc")) == [("dense", 20)] + [("sparse", 3), ("dense", 3)] * 10 + [
         ("sparse", 20)
     ]
-    assert phases(PhasePlan.named("criteo_sapp")) == [("dense", 20)] + [("sparsify", 2), ("sparse", 2), ("dense", 2)] * 9 + [
+    assert phases(PhasePlan.named("criteo_sapp")) == [("dense", 20)] + [
+        ("sparsify", 2),
+        ("sparse", 2),
+        ("dense", 2),
+    ] * 9 + [
         ("sparsify", 6),
         ("sparse", 20),
     ]
