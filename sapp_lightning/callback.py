@@ -164,6 +164,11 @@ class BlockPruning(Callback):
             return None
         return self.plan.segments[self._segment_index].phase
 
+    @property
+    def segment_index(self) -> int | None:
+        """Which entry of ``plan.segments`` the current optimizer step is in (``None`` outside of fit)."""
+        return self._segment_index
+
     def config(self) -> dict[str, Any]:
         """The settings that must match for a checkpoint to resume (plain types only)."""
         return {
