@@ -1,0 +1,268 @@
+"""Fashion-MNIST and ImageNet data modules: real files where installed, generated tiny files otherwise."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler
+
+from sapp_lightning.data import fashion_mnist
+from sapp_lightning.data.fashion_mnist import MEAN, STD, FashionMNISTDataModule, collate_batch
+from sapp_lightning.data.imagenet import ImageNetDataModule
+
+# ----------------------------------------------------------------------------------------------- Fashion-MNIST
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int | None = None, gzipped: bool = True) -> None:
+    """A minimal IDX writer: magic (0x0800 + ndim for unsigned bytes), big-endian dims, raw bytes."""
+    array = np.asarray(array, dtype=np.uint8)
+    magic = 0x0800 + array.ndim if magic is None else magic
+    payload = struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.tobytes()
+    path.write_bytes(gzip.compress(payload) if gzipped else payload)
+
+
+def make_fashion_dir(folder: Path, n_train: int = 40, n_test: int = 10, seed: int = 0) -> dict[str, np.ndarray]:
+    """The four gzipped IDX files with random images and labels 0..9; returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train_images": rng.integers(0, 256, (n_train, 28, 28)),
+        "train_labels": np.arange(n_train) % 10,
+        "test_images": rng.integers(0, 256, (n_test, 28, 28)),
+        "test_labels": np.arange(n_test)[::-1] % 10,
+    }
+    for key, array in arrays.items():
+        write_idx(folder / fashion_mnist.FILES[key], array)
+    return arrays
+
+
+@pytest.fixture
+def no_system_fashion(monkeypatch, tmp_path):
+    """Hide the Debian package and the user's download cache."""
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "no-debian")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.mark.skipif(
+    not all((fashion_mnist.DEBIAN_DIR / f).is_file() for f in fashion_mnist.FILES.values()),
+    reason="Debian package dataset-fashion-mnist not installed",
+)
+def test_real_fashion_mnist_from_debian_package():
+    dm = FashionMNISTDataModule(batch_size=512, download=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.source_dir == fashion_mnist.DEBIAN_DIR
+    assert {k: len(v) for k, v in dm.datasets.items()} == {"train": 55000, "val": 5000, "test": 10000}
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (512, *dm.input_shape) and images.dtype == torch.float32
+    assert labels.shape == (512,) and labels.dtype == torch.int64
+    assert abs(images.mean().item()) < 0.1 and abs(images.std().item() - 1) < 0.1  # normalized
+    test_labels = dm.datasets["test"].labels
+    assert torch.equal(torch.bincount(test_labels), torch.full((10,), 1000))  # the official balanced test set
+    assert dm.num_classes == 10
+
+
+@pytest.mark.parametrize("layout", ["flat", "torchvision"])
+def test_configured_data_dir_wins_and_values_round_trip(tmp_path, layout):
+    folder = tmp_path if layout == "flat" else tmp_path / "FashionMNIST" / "raw"
+    arrays = make_fashion_dir(folder, n_train=40, n_test=10)
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path), batch_size=8, val_size=10, download=False)
+    dm.setup()
+    assert dm.source_dir == folder  # before the Debian package
+    assert [len(dm.datasets[s]) for s in ("train", "val", "test")] == [30, 10, 10]
+    images, labels = next(iter(dm.test_dataloader()))
+    expected = (torch.tensor(arrays["test_images"][:8], dtype=torch.float32) / 255 - MEAN) / STD
+    torch.testing.assert_close(images, expected.unsqueeze(1))
+    assert labels.tolist() == arrays["test_labels"][:8].tolist()
+    # val + train are a partition of the 60k (here 40) training images
+    all_labels = torch.cat([dm.datasets["train"].labels, dm.datasets["val"].labels]).sort().values
+    assert all_labels.tolist() == sorted(arrays["train_labels"].tolist())
+
+
+def test_val_split_is_deterministic_per_seed(tmp_path):
+    make_fashion_dir(tmp_path, n_train=100)
+
+    def val_images(seed: int) -> torch.Tensor:
+        dm = FashionMNISTDataModule(data_dir=str(tmp_path), val_size=20, seed=seed, download=False)
+        dm.setup()
+        return dm.datasets["val"].images
+
+    assert torch.equal(val_images(0), val_images(0))
+    assert not torch.equal(val_images(0), val_images(1))
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec")  # raised inside Lightning
+def test_loader_works_with_a_distributed_sampler_and_trainer(tmp_path):
+    """Lightning swaps in a DistributedSampler under DDP: batched fetching must not depend on the sampler."""
+    make_fashion_dir(tmp_path, n_train=40)
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path), batch_size=8, val_size=8, download=False)
+    dm.setup()
+    dataset = dm.datasets["train"]
+    loader = DataLoader(dataset, batch_size=8, sampler=DistributedSampler(dataset, 2, 1), collate_fn=collate_batch)
+    assert sum(len(labels) for _, labels in loader) == 16
+
+    class Linear(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(28 * 28, 10)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.fc(x.flatten(1)), y)
+
+        def validation_step(self, batch, _):
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.cross_entropy(self.fc(x.flatten(1)), y))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = pl.Trainer(
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(Linear(), dm)
+    assert trainer.global_step == 3
+
+
+@pytest.mark.parametrize(
+    ("key", "array", "magic", "gzipped", "match"),
+    [
+        ("train_images", np.zeros((40, 28, 28)), None, False, "not a complete gzip file"),
+        ("train_labels", np.zeros((40,)), 0x00000803, True, "bad IDX magic number"),
+        ("test_labels", np.zeros((10, 1)), None, True, "bad IDX magic number"),
+        ("train_images", np.zeros((40, 28, 27)), None, True, r"expected \(28, 28\)"),
+        ("test_labels", np.zeros((9,)), None, True, "10 images but 9 labels"),
+        ("train_labels", np.full((40,), 10), None, True, "labels .* go up to 10"),
+    ],
+)
+def test_corrupt_fashion_mnist_file(tmp_path, key, array, magic, gzipped, match):
+    make_fashion_dir(tmp_path, n_train=40, n_test=10)
+    write_idx(tmp_path / fashion_mnist.FILES[key], array, magic=magic, gzipped=gzipped)
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path), val_size=10, download=False)
+    with pytest.raises(ValueError, match=match):
+        dm.setup()
+
+
+def test_truncated_idx_file(tmp_path):
+    make_fashion_dir(tmp_path)
+    path = tmp_path / fashion_mnist.FILES["test_images"]
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-5]))
+    with pytest.raises(ValueError, match="header says .* file holds"):
+        fashion_mnist.read_idx(path, ndim=3)
+
+
+def test_nothing_found_names_the_three_options(tmp_path, no_system_fashion):
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path / "empty"), download=False)
+    dm.prepare_data()  # download=False: nothing to do
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        dm.setup()
+
+
+def test_prepare_data_downloads_into_the_cache(tmp_path, no_system_fashion, monkeypatch):
+    calls = []
+
+    def fake_fashion_mnist(root, train, download):
+        calls.append((root, train, download))
+        make_fashion_dir(Path(root) / "FashionMNIST" / "raw", n_train=30)
+
+    monkeypatch.setattr("torchvision.datasets.FashionMNIST", fake_fashion_mnist)
+    dm = FashionMNISTDataModule(val_size=5)
+    dm.prepare_data()
+    dm.setup()
+    cache = tmp_path / "cache" / "sapp_lightning" / "fashion-mnist"
+    assert dm.source_dir == cache / "FashionMNIST" / "raw"
+    assert {root for root, _, _ in calls} == {str(cache)} and len(dm.datasets["train"]) == 25
+    calls.clear()
+    dm.prepare_data()  # found now: no second download
+    assert calls == []
+
+
+def test_download_failure_gives_the_options(no_system_fashion, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr("torchvision.datasets.FashionMNIST", offline)
+    with pytest.raises(RuntimeError, match="Downloading Fashion-MNIST .* failed .*network unreachable"):
+        FashionMNISTDataModule().prepare_data()
+
+
+def test_fashion_mnist_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="val_size must be >= 1"):
+        FashionMNISTDataModule(val_size=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        FashionMNISTDataModule(batch_size=0)
+    make_fashion_dir(tmp_path, n_train=40)
+    with pytest.raises(ValueError, match="leaves no training images"):
+        FashionMNISTDataModule(data_dir=str(tmp_path), val_size=40, download=False).setup()
+    with pytest.raises(RuntimeError, match="call setup"):
+        FashionMNISTDataModule(data_dir=str(tmp_path)).train_dataloader()
+
+
+# ---------------------------------------------------------------------------------------------------- ImageNet
+
+CLASSES = ("n01", "n02", "n03")
+
+
+def make_image_folder(root: Path, classes=CLASSES, per_class: int = 4, seed: int = 0) -> None:
+    """``root/<class>/<i>.{png,jpg}``: small random RGB images of varying sizes."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (24 + 4 * i, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i}.{'png' if i % 2 else 'jpg'}")
+
+
+@pytest.fixture
+def imagenet_root(tmp_path) -> Path:
+    make_image_folder(tmp_path / "imagenet" / "train", per_class=4)
+    make_image_folder(tmp_path / "imagenet" / "val", per_class=2)
+    return tmp_path / "imagenet"
+
+
+def test_imagenet_batches(imagenet_root):
+    dm = ImageNetDataModule(str(imagenet_root), batch_size=4, num_workers=0, image_size=16, val_resize=20)
+    assert dm.num_classes == 3 and dm.classes == list(CLASSES)  # known before setup
+    dm.setup("fit")
+    assert (len(dm.datasets["train"]), len(dm.datasets["val"])) == (12, 6)
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and labels.max() < 3
+    val_images, val_labels = next(iter(dm.val_dataloader()))
+    assert val_images.shape == (4, 3, 16, 16) and val_labels.tolist() == [0, 0, 1, 1]  # unshuffled
+    assert dm.test_dataloader().dataset is dm.datasets["val"]  # no public test labels
+
+
+def test_imagenet_missing_folders(tmp_path, imagenet_root):
+    with pytest.raises(FileNotFoundError, match=r"does not exist; expected layout: root/train/<class>"):
+        ImageNetDataModule(str(tmp_path / "nowhere"))
+    (imagenet_root / "val").rename(imagenet_root / "validation")
+    with pytest.raises(FileNotFoundError, match="has no 'val' sub-folder"):
+        ImageNetDataModule(str(imagenet_root))
+
+
+def test_imagenet_class_mismatch(tmp_path):
+    make_image_folder(tmp_path / "train", per_class=1)
+    make_image_folder(tmp_path / "val", classes=("n01", "n02", "n04"), per_class=1)
+    with pytest.raises(ValueError, match=r"class folders differ .* only in train \['n03'\], only in val \['n04'\]"):
+        ImageNetDataModule(str(tmp_path))
+
+
+def test_imagenet_crop_larger_than_resize(imagenet_root):
+    with pytest.raises(ValueError, match="val_resize .* must be >= image_size"):
+        ImageNetDataModule(str(imagenet_root), image_size=224, val_resize=128)
