@@ -75,9 +75,11 @@ def build_loggers(cfg: DictConfig) -> list[pl.loggers.Logger]:
     return loggers
 
 
-def build_callbacks(cfg: DictConfig, pruning: BlockPruning | None) -> list[pl.Callback]:
+def build_callbacks(cfg: DictConfig, pruning: BlockPruning | None, has_logger: bool) -> list[pl.Callback]:
     # BlockPruning goes last so that callbacks before it (MaskHeatmaps) see each phase's final masks.
     callbacks = [instantiate(c) for c in (cfg or {}).values()]
+    if not has_logger:  # LearningRateMonitor refuses to run without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     return callbacks + ([pruning] if pruning is not None else [])
 
 
@@ -91,9 +93,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
     pruning = build_pruning(cfg.pruning)
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=build_callbacks(cfg.callbacks, pruning), logger=build_loggers(cfg.logger) or False
-    )
+    loggers = build_loggers(cfg.logger)
+    callbacks = build_callbacks(cfg.callbacks, pruning, has_logger=bool(loggers))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     fit_seconds = time.perf_counter() - started

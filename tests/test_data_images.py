@@ -13,34 +13,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
+from datagen import make_fashion_dir, write_idx
+
 from sapp_lightning.data import fashion_mnist
 from sapp_lightning.data.fashion_mnist import MEAN, STD, FashionMNISTDataModule, collate_batch
 from sapp_lightning.data.imagenet import ImageNetDataModule
 
 # ----------------------------------------------------------------------------------------------- Fashion-MNIST
-
-
-def write_idx(path: Path, array: np.ndarray, magic: int | None = None, gzipped: bool = True) -> None:
-    """A minimal IDX writer: magic (0x0800 + ndim for unsigned bytes), big-endian dims, raw bytes."""
-    array = np.asarray(array, dtype=np.uint8)
-    magic = 0x0800 + array.ndim if magic is None else magic
-    payload = struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.tobytes()
-    path.write_bytes(gzip.compress(payload) if gzipped else payload)
-
-
-def make_fashion_dir(folder: Path, n_train: int = 40, n_test: int = 10, seed: int = 0) -> dict[str, np.ndarray]:
-    """The four gzipped IDX files with random images and labels 0..9; returns the arrays written."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "train_images": rng.integers(0, 256, (n_train, 28, 28)),
-        "train_labels": np.arange(n_train) % 10,
-        "test_images": rng.integers(0, 256, (n_test, 28, 28)),
-        "test_labels": np.arange(n_test)[::-1] % 10,
-    }
-    for key, array in arrays.items():
-        write_idx(folder / fashion_mnist.FILES[key], array)
-    return arrays
 
 
 @pytest.fixture

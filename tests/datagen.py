@@ -1,0 +1,61 @@
+"""Tiny data sets in the real on-disk formats (IDX.gz, ImageFolder, Criteo TSV) for app tests."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from sapp_lightning.data.fashion_mnist import FILES as FASHION_FILES
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int | None = None, gzipped: bool = True) -> None:
+    """A minimal IDX writer: magic (0x0800 + ndim for unsigned bytes), big-endian dims, raw bytes."""
+    array = np.asarray(array, dtype=np.uint8)
+    magic = 0x0800 + array.ndim if magic is None else magic
+    payload = struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.tobytes()
+    path.write_bytes(gzip.compress(payload) if gzipped else payload)
+
+
+def make_fashion_dir(folder: Path, n_train: int = 40, n_test: int = 10, seed: int = 0) -> dict[str, np.ndarray]:
+    """The four gzipped IDX files with random images and labels 0..9; returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train_images": rng.integers(0, 256, (n_train, 28, 28)),
+        "train_labels": np.arange(n_train) % 10,
+        "test_images": rng.integers(0, 256, (n_test, 28, 28)),
+        "test_labels": np.arange(n_test)[::-1] % 10,
+    }
+    for key, array in arrays.items():
+        write_idx(folder / FASHION_FILES[key], array)
+    return arrays
+
+
+def make_imagefolder(root: Path, classes: int = 3, per_class: int = 4, size: int = 40) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"img{i}.JPEG", format="JPEG")
+    return root
+
+
+def make_criteo_tsv(path: Path, rows: int = 700, seed: int = 0) -> Path:
+    """Kaggle train.txt layout, with missing and negative values sprinkled in."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(rows):
+        label = str(int(rng.random() < 0.25))
+        ints = ["" if rng.random() < 0.2 else str(int(rng.integers(-2, 1000))) for _ in range(13)]
+        cats = ["" if rng.random() < 0.1 else f"{int(rng.integers(0, 2**32)):08x}" for _ in range(26)]
+        lines.append("\t".join([label, *ints, *cats]))
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,171 @@
+"""sapp-train: configs compose, every recipe runs on tiny data in its real format, sweeps and loggers work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from datagen import make_criteo_tsv, make_fashion_dir, make_imagefolder
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+
+from sapp_lightning import BlockPruning
+from sapp_lightning.results import main as results_main
+from sapp_lightning.train import CONFIG_DIR, build_pruning, run
+
+ROOT = CONFIG_DIR.parent
+RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+PRUNINGS = sorted(p.stem for p in (CONFIG_DIR / "pruning").glob("*.yaml"))
+
+
+def compose_cfg(overrides: list[str], output_dir: Path):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"output_dir={output_dir}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_there_are_recipes_and_pruning_options():
+    assert {"resnet50_imagenet", "criteo_paper", "criteo_table2", "imagenet_table1", "movielens_ctr"} <= set(RECIPES)
+    assert PRUNINGS == ["acdc", "magnitude", "none", "powerprop", "sapp"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_starts_with_the_command_that_runs_it(recipe):
+    lines = (ROOT / "recipes" / f"{recipe}.yaml").read_text().splitlines()
+    assert lines[0] == "# @package _global_"  # Hydra needs this header first
+    assert lines[1].startswith("# sapp-train ") and f"recipe={recipe}" in lines[1]
+    text = "\n".join(lines)
+    assert "OUR ASSUMPTIONS" in text or "settings are those of recipes/" in text
+
+
+@pytest.mark.parametrize("pruning", PRUNINGS)
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_with_every_pruning_option(tmp_path, recipe, pruning):
+    cfg = compose_cfg([f"recipe={recipe}", f"pruning={pruning}"], tmp_path)
+    callback = build_pruning(cfg.pruning)
+    if pruning == "none":
+        assert callback is None
+        return
+    assert isinstance(callback, BlockPruning) and callback.algorithm_name == pruning
+    if recipe.startswith(("criteo", "movielens")):
+        assert callback.plan == BlockPruning(pruning, 0.9, 10, plan="criteo").plan
+        assert callback.algorithm.prune_mode == "mask"
+        assert callback.include == ["^net\\.mlp\\.0$"]
+    if recipe.startswith(("resnet50", "imagenet")):
+        assert callback.plan == BlockPruning(pruning, 0.9, 16, plan="imagenet").plan
+        assert cfg.trainer.max_epochs == 90 and cfg.model.module.lr == 0.8
+
+
+def test_the_issue_commands_compose_exactly_as_written(tmp_path):
+    cfg = compose_cfg(
+        "recipe=resnet50_imagenet pruning=sapp pruning.sparsity=0.9 pruning.block_size=16".split(), tmp_path
+    )
+    assert (cfg.pruning.algorithm, cfg.pruning.sparsity, cfg.pruning.block_size) == ("sapp", 0.9, 16)
+    assert cfg.data._target_.endswith("ImageNetDataModule") and cfg.model.net._target_.endswith("resnet50")
+    cfg = compose_cfg("recipe=criteo_paper pruning=acdc pruning.sparsity=0.95 pruning.block_size=10".split(), tmp_path)
+    assert (cfg.pruning.algorithm, cfg.pruning.sparsity, cfg.pruning.block_size) == ("acdc", 0.95, 10)
+    assert cfg.data.batch_size == 32768 and cfg.trainer.max_epochs == 25
+
+
+def test_cfg_job_prints_the_composed_config():
+    out = subprocess.run(
+        [sys.executable, "-m", "sapp_lightning.train", "recipe=criteo_paper", "pruning=none", "--cfg", "job"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    assert "algorithm: none" in out.stdout and "CriteoDataModule" in out.stdout
+
+
+FAST = ["+trainer.fast_dev_run=1", "trainer.accelerator=cpu", "trainer.devices=1", "logger=none"]
+
+
+def test_resnet50_recipe_runs_on_an_imagefolder_tree(tmp_path):
+    root = make_imagefolder(tmp_path / "imagenet")
+    overrides = ["recipe=resnet50_imagenet", "pruning=sapp", "trainer=cpu", f"data.root={root}", "data.batch_size=4"]
+    overrides += ["data.num_workers=0", "data.image_size=32", "data.val_resize=36", "trainer.precision=32-true"]
+    results = run(compose_cfg(overrides + FAST, tmp_path / "out"))
+    assert results["data"] == "ImageNetDataModule" and results["model"] == "resnet50"
+    assert results["achieved_block_sparsity"] == pytest.approx(0.9, abs=0.01)  # one step: straight to the final phase
+    # SPEC 2.4: at 16x16, 46 of ResNet50's 54 conv/fc layers have >= 100 blocks; the stem conv1 has 40
+    assert len(results["pruned_layers"]) == 46
+    assert "net.layer4.0.conv2" in results["pruned_layers"] and "net.conv1" not in results["pruned_layers"]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["test"]
+
+
+def test_criteo_recipe_runs_on_a_kaggle_tsv(tmp_path):
+    tsv = make_criteo_tsv(tmp_path / "train.txt")
+    overrides = ["recipe=criteo_paper", "pruning=acdc", f"data.path={tsv}", "data.batch_size=32"]
+    overrides += ["data.table_size=50", f"data.cache_dir={tmp_path / 'cache'}"]
+    results = run(compose_cfg(overrides + FAST, tmp_path / "out"))
+    assert results["pruned_layers"] == ["net.mlp.0"]
+    assert results["achieved_block_sparsity"] == pytest.approx(0.9, abs=0.001)
+    assert {"val/loss", "val/auroc"} <= set(results["val"]) and "test/loss" in results["test"]
+
+
+def test_movielens_recipe_runs_on_the_ml100k_layout(tmp_path):
+    from test_movielens import write_ml100k
+
+    folder = write_ml100k(tmp_path / "ml-100k")
+    overrides = ["recipe=movielens_ctr", "pruning=sapp", f"data.data_dir={folder}", "data.batch_size=8"]
+    overrides += ["pruning.block_size=5", "data.val_fraction=0.2", "data.test_fraction=0.2"]
+    results = run(compose_cfg(overrides + FAST, tmp_path / "out"))
+    assert results["pruned_layers"] == ["net.mlp.0"] and results["data"] == "MovieLensCTRDataModule"
+    assert results["achieved_block_sparsity"] == pytest.approx(0.9, abs=0.001)
+
+
+def test_wandb_offline_receives_the_pruning_curves_and_heatmaps(tmp_path, monkeypatch):
+    from pytorch_lightning.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    logged, images = set(), set()
+    original = WandbLogger.log_metrics
+
+    def record_metrics(self, metrics: dict, step=None):
+        logged.update(metrics)
+        return original(self, metrics, step)
+
+    monkeypatch.setattr(WandbLogger, "log_metrics", record_metrics)
+    monkeypatch.setattr(WandbLogger, "log_image", lambda self, key, images_, **kw: images.add(key))
+    data = tmp_path / "fmnist"
+    make_fashion_dir(data, n_train=300, n_test=20)
+    overrides = [
+        "recipe=fashion_mnist_demo",
+        "pruning=sapp",
+        "logger=wandb",
+        f"data.data_dir={data}",
+        "data.val_size=20",
+    ]
+    overrides += ["data.batch_size=32", "trainer.max_epochs=3", "trainer.log_every_n_steps=1", "test=false"]
+    overrides += ["trainer.enable_progress_bar=false"]
+    run(compose_cfg(overrides, tmp_path / "out"))
+    assert {"pruning/sparsity", "pruning/target_sparsity", "pruning/phase", "pruning/layer/net.1"} <= logged
+    assert {"pruning/mask/net.1", "pruning/mask/net.3"} <= images
+    assert list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+
+
+def test_joblib_multirun_of_two_jobs_and_the_results_table(tmp_path, capsys):
+    data = tmp_path / "fmnist"
+    make_fashion_dir(data, n_train=100, n_test=20)
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "sapp_lightning.train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    cmd += ["recipe=fashion_mnist_demo", "pruning=none,sapp", f"data.data_dir={data}", "data.val_size=20"]
+    cmd += ["+trainer.fast_dev_run=2", "logger=none", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(cmd, check=True, cwd=tmp_path, env=env, capture_output=True)
+    results = sorted(json.loads(p.read_text())["algorithm"] for p in sweep.rglob("results.json"))
+    assert results == ["none", "sapp"]
+    assert results_main([str(sweep)]) == 0
+    table = capsys.readouterr().out
+    assert "| Dense" in table and "| SA++" in table and "| 90%" in table
+
+
+def test_results_on_an_empty_folder_says_so(tmp_path, capsys):
+    assert results_main([str(tmp_path)]) == 1
+    assert "no results.json below" in capsys.readouterr().err
