@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from datagen import make_fashion_dir, write_idx
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
-
-from datagen import make_fashion_dir, write_idx
 
 from sapp_lightning.data import fashion_mnist
 from sapp_lightning.data.fashion_mnist import MEAN, STD, FashionMNISTDataModule, collate_batch
