@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-full lint demo clean
+FASHION_MNIST_DEB := /usr/share/datasets/fashion-mnist
+
+.PHONY: install test test-full lint demo fashion-mnist clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +24,17 @@ test: $(STAMP)  ## the default suite (no slow tests); exit code 5 (nothing colle
 
 test-full: $(STAMP)  ## everything, slow tests included
 	$(PY) -m pytest -q
+
+# Fashion-MNIST from Debian's package where apt works (root); otherwise the data module downloads it.
+fashion-mnist:
+	@if [ ! -f $(FASHION_MNIST_DEB)/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's dataset-fashion-mnist"; \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null || echo "apt failed: the data module will download Fashion-MNIST"; \
+	fi
+
+demo: $(STAMP) fashion-mnist  ## the main job: dense, SA++ and each baseline on Fashion-MNIST, then the comparison table
+	$(VENV)/bin/sapp-train -m recipe=fashion_mnist_demo
+	$(PY) -m sapp_lightning.results runs/demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check sapp_lightning tests
