@@ -1,0 +1,171 @@
+"""Shared pieces of the benchmarks: in-process training runs, a resumable JSON-lines store, timing helpers.
+
+Every run trains with the public API (``BlockPruning``, the data modules, the models and LightningModules of
+``sapp_lightning.models``) in the current process, on one thread, with Lightning's extras turned off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_DATA_CACHE: dict[str, Any] = {}
+
+
+def quiet() -> None:
+    """Silence Lightning's per-run banners and warnings (they cost time and bury the progress lines)."""
+    import logging
+
+    for name in (
+        "pytorch_lightning",
+        "pytorch_lightning.utilities.rank_zero",
+        "lightning",
+        "lightning.pytorch",
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning_fabric",
+        "sapp_lightning",
+        "sapp_lightning.callback",
+    ):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def trainer_kwargs() -> dict[str, Any]:
+    """The Trainer settings every benchmark run uses: CPU, no logger, checkpoint, progress bar or summary."""
+    return dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,  # validation runs once, after fit, on the committed model
+        deterministic=False,
+    )
+
+
+def movielens() -> Any:
+    """The MovieLens-100k CTR data module, set up once per process."""
+    if "movielens" not in _DATA_CACHE:
+        from sapp_lightning.data import MovieLensCTRDataModule
+
+        dm = MovieLensCTRDataModule(batch_size=1024)
+        dm.prepare_data()
+        dm.setup("fit")
+        _DATA_CACHE["movielens"] = dm
+    return _DATA_CACHE["movielens"]
+
+
+def fashion_mnist(batch_size: int = 256) -> Any:
+    """The Fashion-MNIST data module (55k train / 5k val / 10k test), set up once per process."""
+    key = f"fmnist{batch_size}"
+    if key not in _DATA_CACHE:
+        from sapp_lightning.data import FashionMNISTDataModule
+
+        dm = FashionMNISTDataModule(batch_size=batch_size, download=False)
+        dm.setup("fit")
+        _DATA_CACHE[key] = dm
+    return _DATA_CACHE[key]
+
+
+def machine() -> dict[str, Any]:
+    """What produced the numbers: CPU, core count, torch and Lightning versions."""
+    import pytorch_lightning as pl
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+# --- resumable JSON-lines store -------------------------------------------------------------------
+def load_done(path: Path) -> dict[str, dict[str, Any]]:
+    """Finished runs in ``path`` by their ``key`` (a missing file holds none; a torn last line is skipped)."""
+    done: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[row["key"]] = row
+    return done
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one finished run (one line, flushed, so an interrupted sweep loses at most the run in flight)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+
+
+def run_pool(
+    jobs: list[dict[str, Any]], worker: Callable[[dict[str, Any]], dict[str, Any]], out: Path, processes: int
+) -> list[dict[str, Any]]:
+    """Run ``worker(job)`` for every job whose key is not in ``out`` yet; print one line per finished run."""
+    done = load_done(out)
+    todo = [job for job in jobs if job["key"] not in done]
+    print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already in {out}, {len(todo)} to run", flush=True)
+    start = time.perf_counter()
+    results = []
+    rows: Iterable[dict[str, Any]]
+    if processes > 1 and len(todo) > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("fork").Pool(processes, maxtasksperchild=None)
+        rows = pool.imap_unordered(worker, todo)
+    else:
+        pool = None
+        rows = map(worker, todo)
+    try:
+        for i, row in enumerate(rows, 1):
+            append_row(out, row)
+            results.append(row)
+            elapsed = time.perf_counter() - start
+            print(f"[{i}/{len(todo)} {elapsed:6.0f}s] {row['key']}: {format_metrics(row)}", flush=True)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return results
+
+
+def format_metrics(row: dict[str, Any]) -> str:
+    keys = ("val_loss", "val_acc", "test_loss", "test_acc", "achieved_sparsity", "seconds")
+    return " ".join(
+        f"{k}={row[k]:.4f}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}" for k in keys if k in row
+    )
+
+
+# --- timing ----------------------------------------------------------------------------------------
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def interleaved_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Time each function ``repeats`` times, interleaved (A B C A B C ...) so load changes hit all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times

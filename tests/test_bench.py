@@ -1,0 +1,77 @@
+"""The benchmark scripts: their ``--quick`` modes end to end (slow), and the resumable store and tables (fast)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import quality  # noqa: E402
+from bench.common import append_row, load_done  # noqa: E402
+
+
+def _run(script: str, *args: str, timeout: float = 240) -> str:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--quick", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_quality_quick_and_resume(tmp_path):
+    out = tmp_path / "quick.jsonl"
+    text = _run("quality.py", "--out", str(out))
+    rows = list(load_done(out).values())
+    assert len(rows) == len(quality.quick_jobs())
+    assert {r["part"] for r in rows} == {"ctr", "images"}
+    for r in rows:
+        if r["method"] != "dense":
+            assert r["achieved_sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert "CTR (MovieLens-100k), validation BCE" in text
+    again = _run("quality.py", "--out", str(out))  # every run is in the file: nothing is trained again
+    assert f"{len(rows)} already in" in again and "0 to run" in again
+
+
+@pytest.mark.slow
+def test_training_cost_quick(tmp_path):
+    out = tmp_path / "cost.json"
+    _run("training_cost.py", "--out", str(out))
+    res = json.loads(out.read_text())["models"]["mlp"]["configs"]
+    assert res["dense"]["ratio_median"] == 1.0
+    assert res["sapp dense"]["memory"]["extra_fraction"] < 0.01
+
+
+@pytest.mark.slow
+def test_inference_quick(tmp_path):
+    out = tmp_path / "inference.json"
+    text = _run("inference.py", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["batch"] for r in rows} == {32, 256}
+    assert all(r["limit"] == pytest.approx(10.0) for r in rows)
+    assert "limit 1/(1-s)" in text
+
+
+def test_store_skips_finished_runs_and_torn_lines(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    append_row(path, {"key": "a", "val_loss": 0.5})
+    with path.open("a") as f:
+        f.write('{"key": "b", "val_')  # an interrupted write
+    assert set(load_done(path)) == {"a"}
+
+
+def test_jobs_and_paper_shaped_table():
+    args = quality.parse_args(["--part", "ctr", "--seeds", "0", "1", "--blocks", "10", "--sparsities", "0.9"])
+    jobs = quality.ctr_jobs(args)
+    assert len(jobs) == 2 + 2 * 4 and len({j["key"] for j in jobs}) == len(jobs)
+    rows = [dict(j, val_loss=0.5 + 0.01 * j["seed"], achieved_sparsity=0.9) for j in jobs]
+    table = quality.paper_shaped_table(rows, "val_loss", 4)
+    assert "| 90% | sapp | 0.5050 ± 0.0071 (n=2) (90.0%) | 0.4535 |" in table
+    assert "| 0 | dense | 0.5050 ± 0.0071 (n=2) |" in table
