@@ -9,7 +9,7 @@ Example:
 
 from .algorithms import ALGORITHMS, PruningAlgorithm, register
 from .blocks import BlockLayout, keep_count, top_k_mask
-from .callback import BlockPruning
+from .callback import BlockPruning, committed_state_dict
 from .report import LayerSparsity, SparsityReport, block_sparsity
 from .schedules import Phase, PhasePlan, exponential_sparsity
 
@@ -23,6 +23,7 @@ __all__ = [
     "PruningAlgorithm",
     "SparsityReport",
     "block_sparsity",
+    "committed_state_dict",
     "exponential_sparsity",
     "keep_count",
     "register",

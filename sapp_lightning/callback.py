@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -15,8 +16,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .algorithms import PRUNE_MODES, PrunedLayer, PruningAlgorithm, get_algorithm
-from .algorithms.base import MASK_BUFFER
-from .blocks import BlockSize, keep_count, normalize_block_size, top_k_mask
+from .algorithms.base import MASK_BUFFER, BlockReparam
+from .blocks import BlockLayout, BlockSize, keep_count, normalize_block_size, top_k_mask
 from .report import SparsityReport, measure_layer
 from .schedules import Phase, PhasePlan, StepSchedule, exponential_sparsity
 from .targets import candidate_layers, compile_patterns, shared_weight_owners
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 CONFIG_KEY = "_block_pruning_config"  # entry in the model's state_dict while training
+# mask checksums: a (non-linear) hash of each kept block's index, so that swapped blocks change the sum
+_HASH_MULTIPLIER, _HASH_MULTIPLIER_2, _HASH_MASK = 2654435761, 2246822519, 2**31 - 1
 
 
 class BlockPruning(Callback):
@@ -64,7 +67,38 @@ class BlockPruning(Callback):
             scaling and gradient accumulation do not change it). ``None``: the weight decay of
             the pruned weights' parameter group, or 0 when the optimizer already decays the logits.
         verify_masks_across_ranks: in distributed runs, compare mask checksums across ranks at
-            every phase boundary and raise if they differ.
+            every phase boundary and when training ends, and raise if they differ.
+        check_finite_every_n_steps: every this many optimizer steps, check the pruned layers' weights
+            (and SA++'s attention logits) for NaN and infinity: one host sync, no extra forward. They are
+            also checked at every phase boundary and when training ends; ``0`` keeps only those checks.
+            A non-finite value raises ``FloatingPointError`` naming the layer.
+
+    Reliability notes:
+
+    * Resuming: ``trainer.fit(..., ckpt_path=...)`` with the same settings reaches bit-identical weights
+      and masks (CPU), from inside any phase. A checkpoint written with other settings (algorithm,
+      sparsity, block size, targets, plan) or for a run of another length is refused with a message that
+      names the difference. Checkpoints written during fit (e.g. ``ModelCheckpoint``, ``last.ckpt``) hold
+      raw weights, masks and logits; :func:`committed_state_dict` turns one into plain weights. A
+      checkpoint saved after ``fit`` returned holds the committed weights: it loads into a plain model,
+      and resuming it is refused (the run is over).
+    * Distributed (DDP): every rank computes the masks from the synchronized weights; their checksums are
+      compared across ranks at each phase boundary. Under ``ddp_spawn`` / ``ddp_fork`` the callback in the
+      main process is a copy that did not train: the committed weights come back to the model, but call
+      :func:`~sapp_lightning.block_sparsity` on it instead of :meth:`report`.
+    * Precision: under ``bf16-mixed`` / ``16-mixed`` the masked forward runs under autocast and pruned
+      blocks are exact zeros; SA++'s logits and attention stay float32, also under ``bf16-true`` /
+      ``16-true`` (which convert the rest of the model).
+    * ``torch.compile``: masks and logits are buffers and parameters changed in place, so phase changes
+      do not recompile the model (measured with torch 2.14: 0 recompilations at the 4 phase changes of
+      a dense-sparsify-sparse-dense-sparse plan, every algorithm, eager and inductor backends). Once
+      ``fit`` returns, the commit gives parametrized layers (``sapp``, ``powerprop``, ``prune_mode="mask"``)
+      their plain class back, so the first compiled call afterwards compiles once more. Validation's
+      train/eval and grad-mode switches, and ``self.log`` inside a compiled step, recompile as usual.
+    * Odd states: a second ``fit`` with the same callback, a model with no eligible layer, a weight
+      shared by two modules, and a layer already pruned by another callback raise at set-up, before
+      the model is touched; a sparsity that rounds to 0 pruned blocks in a layer warns, naming it;
+      ``validate``, ``test`` and ``predict`` leave the model alone.
 
     Example:
         >>> import pytorch_lightning as pl, torch
@@ -105,6 +139,7 @@ class BlockPruning(Callback):
         attention_clipping: bool = True,
         logit_l2: float | None = None,
         verify_masks_across_ranks: bool = True,
+        check_finite_every_n_steps: int = 100,
     ) -> None:
         super().__init__()
         algorithm_cls = get_algorithm(algorithm)
@@ -120,6 +155,12 @@ class BlockPruning(Callback):
             raise ValueError(f"schedule_exponent must be > 0, got {schedule_exponent!r}")
         if logit_l2 is not None and not (isinstance(logit_l2, int | float) and logit_l2 >= 0):
             raise ValueError(f"logit_l2 must be >= 0 or None, got {logit_l2!r}")
+        if (
+            isinstance(check_finite_every_n_steps, bool)
+            or not isinstance(check_finite_every_n_steps, int)
+            or check_finite_every_n_steps < 0
+        ):
+            raise ValueError(f"check_finite_every_n_steps must be an int >= 0, got {check_finite_every_n_steps!r}")
 
         self.algorithm_name = algorithm
         self.sparsity = float(sparsity)
@@ -135,6 +176,7 @@ class BlockPruning(Callback):
         self.attention_clipping = attention_clipping
         self.logit_l2 = logit_l2
         self.verify_masks_across_ranks = verify_masks_across_ranks
+        self.check_finite_every_n_steps = check_finite_every_n_steps
         self.algorithm: PruningAlgorithm = algorithm_cls(
             prune_mode, sparsity=self.sparsity, attention_clipping=attention_clipping
         )
@@ -149,6 +191,8 @@ class BlockPruning(Callback):
         self._committed = False
         self._logit_l2 = 0.0
         self._logits_by_optimizer: list[list[nn.Parameter]] = []
+        self._fit_active = False  # between this callback's setup and teardown of one fit
+        self._resumed_total_steps: int | None = None  # the training length of the checkpoint resumed from
 
     # --- public helpers -------------------------------------------------------------------------
     @property
@@ -183,6 +227,7 @@ class BlockPruning(Callback):
             "schedule_exponent": self.schedule_exponent,
             "attention_clipping": self.attention_clipping,
             "layers": [layer.name for layer in self.layers],
+            "kinds": [layer.layout.kind for layer in self.layers],
         }
 
     def report(self) -> SparsityReport:
@@ -201,13 +246,27 @@ class BlockPruning(Callback):
                 "this BlockPruning callback already committed a model at the end of an earlier fit; "
                 "create a new BlockPruning for another fit"
             )
+        if self._fit_active:  # setup already ran for this fit (e.g. a re-entrant strategy)
+            return
+        if self.layers:
+            raise RuntimeError(
+                "this BlockPruning callback already pruned a model in an earlier fit that did not finish (it raised "
+                "or was interrupted), and that model still carries its masks. Call commit() on it for plain weights, "
+                "or resume the run from a checkpoint with a fresh model, Trainer and BlockPruning"
+            )
         others = [cb for cb in trainer.callbacks if isinstance(cb, BlockPruning) and cb is not self]
         if others:
             raise ValueError("a Trainer takes one BlockPruning callback; combine the settings into one")
-        if self.layers:  # setup already ran for this fit (e.g. a re-entrant strategy)
-            return
         candidates = self._select_layers(pl_module)
         self._inject(pl_module, candidates)
+        self._fit_active = True
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._fit_active = False
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._fit_active = False
 
     def _select_layers(self, pl_module: nn.Module):
         candidates = candidate_layers(pl_module, self.block_size, self._include, self._exclude)
@@ -230,6 +289,22 @@ class BlockPruning(Callback):
                 f"the weight of layer {name!r} is shared by {', '.join(owners)}; BlockPruning cannot prune a "
                 "shared weight consistently. Exclude the layer (exclude=[...]) or untie the weights."
             )
+        pruned = [c.name for c in chosen if _carries_block_pruning(c.module)]
+        if pruned:
+            raise ValueError(
+                f"layer(s) {', '.join(map(repr, pruned))} already carry the masks of another BlockPruning (from a fit "
+                "that did not finish?); call that callback's commit() first, or start from a fresh model"
+            )
+        if self.sparsity > 0:
+            dense = [c for c in chosen if keep_count(c.layout.num_blocks, self.sparsity) >= c.layout.num_blocks]
+            if dense:
+                listed = ", ".join(f"{c.name} ({c.layout.num_blocks} blocks)" for c in dense[:10])
+                more = f" and {len(dense) - 10} more" if len(dense) > 10 else ""
+                rank_zero_warn(
+                    f"BlockPruning: sparsity {self.sparsity:g} rounds to 0 pruned blocks in {len(dense)} of the "
+                    f"{len(chosen)} pruned layer(s), which stay dense: {listed}{more}. A layer of N blocks loses "
+                    "a block from sparsity 1/N on: raise sparsity, use smaller blocks, or exclude those layers."
+                )
         skipped = [c for c in candidates if c.layout.num_blocks < self.min_blocks]
         rank_zero_info(
             f"BlockPruning({self.algorithm_name}): pruning {len(chosen)} layer(s) to {self.sparsity:.1%} block "
@@ -266,9 +341,11 @@ class BlockPruning(Callback):
         saved = state_dict.pop(prefix + CONFIG_KEY, None)
         if saved is None:
             raise ValueError(
-                "this state_dict was not saved by a run with BlockPruning (or was saved after commit), but the "
-                "model is being trained with BlockPruning; resume from a checkpoint of the pruning run, or load "
-                "plain weights before trainer.fit"
+                "the model is being trained with BlockPruning, but this state_dict holds no BlockPruning "
+                "configuration: it was saved by a run without BlockPruning, or after BlockPruning committed the "
+                "weights when fit returned (a finished run, which cannot be resumed). Load such plain weights into "
+                "the model before trainer.fit (model.load_state_dict or Model.load_from_checkpoint) to start a new "
+                "run from them, or resume from a checkpoint written during training (e.g. ModelCheckpoint's last.ckpt)"
             )
         self._raise_on_config_difference(saved)
 
@@ -287,18 +364,20 @@ class BlockPruning(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._keep_logits_float32()
         self._register_extra_parameters(trainer)
         self._logit_l2 = self._resolve_logit_l2(trainer)
-        total = trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("BlockPruning needs a finite training length: set max_epochs or max_steps")
-        self.schedule = self.plan.resolve(int(total))
-        empty = self.schedule.empty_segments()
-        if empty:
-            rank_zero_warn(
-                f"BlockPruning: {len(empty)} of the plan's {len(self.plan.segments)} phases get no optimizer step "
-                f"in {int(total)} steps of training; they are skipped"
-            )
+        # The plan is resolved in on_train_start: estimated_stepping_batches sets the train dataloader up, and
+        # doing so before the checkpoint is restored drops a resumable dataloader's saved position
+        # (Lightning-AI/pytorch-lightning#20550), which breaks mid-epoch resumes.
+
+    def _keep_logits_float32(self) -> None:
+        """Undo a half-precision conversion of SA++'s logits (``BlockAttention`` resists ``module.to``, this
+        catches other routes): the attention stays float32 whatever the weights' dtype."""
+        for layer in self.layers:
+            for logits in self.algorithm.extra_parameters(layer):
+                if logits.dtype in (torch.float16, torch.bfloat16):
+                    logits.data = logits.data.float()
 
     def _register_extra_parameters(self, trainer: pl.Trainer) -> None:
         """Make sure the algorithm's own parameters (SA++'s logits) are trained."""
@@ -334,12 +413,36 @@ class BlockPruning(Callback):
         return float(decays[0]) if decays else 0.0
 
     # --- training ---------------------------------------------------------------------------------
+    def _resolve_schedule(self, trainer: pl.Trainer) -> StepSchedule:
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("BlockPruning needs a finite training length: set max_epochs or max_steps")
+        schedule = self.plan.resolve(int(total))
+        empty = schedule.empty_segments()
+        if empty:
+            rank_zero_warn(
+                f"BlockPruning: {len(empty)} of the plan's {len(self.plan.segments)} phases get no optimizer step "
+                f"in {int(total)} steps of training; they are skipped"
+            )
+        return schedule
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._committed or not self.layers:
+            return
+        self.schedule = self._resolve_schedule(trainer)
+        saved = self._resumed_total_steps
+        if saved is not None and saved != self.schedule.total_steps:
+            raise ValueError(
+                f"the checkpoint comes from a run planned over {saved} optimizer steps, but this run has "
+                f"{self.schedule.total_steps} (max_epochs, max_steps, limit_train_batches, accumulate_grad_batches, "
+                "the number of devices or the dataset size changed): the phase plan would shift under the saved "
+                "masks. Resume with the same training length, or start a new run."
+            )
         self._last_step = trainer.global_step
         self._advance(trainer, trainer.global_step)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self._logit_l2 <= 0:
+        if self._logit_l2 <= 0 or self._committed:
             return
         index = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), None)
         if index is None:  # a LightningOptimizer wrapper
@@ -355,17 +458,32 @@ class BlockPruning(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step == self._last_step:  # accumulating gradients: no optimizer step yet
+        if step == self._last_step or self._committed:  # accumulating gradients: no optimizer step yet
             return
         self._last_step = step
-        self._advance(trainer, step)
+        every = self.check_finite_every_n_steps
+        checked = bool(every) and step % every == 0
+        if checked:  # before the masks move, so that scoring never sees the NaN first
+            self._check_finite(f"at step {step}")
+        self._advance(trainer, step, checked)
         self._log_step(pl_module)
 
-    def _advance(self, trainer: pl.Trainer, step: int) -> None:
-        """Bring the masks to where the plan says they are for the forward pass of ``step``."""
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._committed or not self.layers:
+            return
+        self._check_finite("when training ended")
+        self._verify_masks(trainer, "when training ended")
+
+    def _advance(self, trainer: pl.Trainer, step: int, checked: bool = False) -> None:
+        """Bring the masks to where the plan says they are for the forward pass of ``step``.
+
+        Where a phase begins, the weights are checked for NaN and infinity first (unless ``checked``).
+        """
         assert self.schedule is not None
         position = self.schedule.locate(step)
         if position.index != self._segment_index:
+            if not checked:
+                self._check_finite(f"at step {step}")
             if self._segment_index is not None:  # a phase ended (not the start of training)
                 self._log_phase_end(trainer)
                 if self.reset_optimizer:
@@ -373,7 +491,7 @@ class BlockPruning(Callback):
                         optimizer.state.clear()
             self._enter(position.phase, position.tau)
             self._segment_index = position.index
-            self._verify_masks(trainer)
+            self._verify_masks(trainer, f"at the start of phase {position.index} ({position.phase.name.lower()})")
         elif position.phase is Phase.SPARSIFY:
             self._sparsify(position.tau)
         if self.algorithm.zeroes_pruned_weights:
@@ -409,24 +527,56 @@ class BlockPruning(Callback):
             )
         layer.set_mask(top_k_mask(scores, keep, eligible=layer.mask))
 
-    def _verify_masks(self, trainer: pl.Trainer) -> None:
-        if not self.verify_masks_across_ranks or trainer.world_size <= 1:
+    def _check_finite(self, when: str) -> None:
+        """Raise ``FloatingPointError`` naming the layers whose weights or logits hold NaN or infinity."""
+        tensors = []
+        for layer in self.layers:
+            tensors.append((layer.name, "weight", layer.raw_weight))
+            tensors += [(layer.name, "attention logits", p) for p in self.algorithm.extra_parameters(layer)]
+        if not tensors:
             return
-        sums = torch.stack([self._mask_checksum(layer) for layer in self.layers])
-        gathered = trainer.strategy.all_gather(sums)  # (world_size, num_layers)
-        differs = (gathered != gathered[0]).any(dim=0)
+        device = tensors[0][2].device
+        finite = torch.stack([torch.isfinite(t.detach()).all().to(device) for *_, t in tensors])
+        if bool(finite.all()):  # the one host sync
+            return
+        bad = [f"{name!r} ({what})" for (name, what, _), ok in zip(tensors, finite.tolist()) if not ok]
+        raise FloatingPointError(
+            f"BlockPruning: NaN or infinite values {when} in layer {', '.join(bad)}; training diverged "
+            "(lower the learning rate, clip gradients, or check the data)"
+        )
+
+    def _verify_masks(self, trainer: pl.Trainer, when: str) -> None:
+        if not self.verify_masks_across_ranks or trainer.world_size <= 1 or not self.layers:
+            return
+        sums = torch.stack([self._mask_checksum(layer) for layer in self.layers])  # (layers, 2)
+        gathered = trainer.strategy.all_gather(sums).reshape(-1, len(self.layers), 2)  # (world_size, layers, 2)
+        differs = (gathered != gathered[0]).any(dim=2).any(dim=0)
         if bool(differs.any()):
-            name = self.layers[int(differs.nonzero()[0])].name
+            bad = [self.layers[i].name for i in differs.nonzero().flatten().tolist()]
+            kept = {
+                name: gathered[:, i, 0].tolist()
+                for i, name in enumerate(layer.name for layer in self.layers)
+                if name in bad
+            }
             raise RuntimeError(
-                f"BlockPruning: the masks of layer {name!r} differ across ranks at step {trainer.global_step}; "
-                "the ranks' weights have diverged"
+                f"BlockPruning: the masks of layer(s) {', '.join(map(repr, bad))} differ across ranks {when} "
+                f"(step {trainer.global_step}; kept blocks on ranks 0..{trainer.world_size - 1}: {kept}). The ranks "
+                "chose blocks from different weights or scores: every pruned parameter must be synchronized "
+                "(DDP) and nothing may change it on one rank only."
             )
 
     @staticmethod
     def _mask_checksum(layer: PrunedLayer) -> torch.Tensor:
-        flat = layer.mask.reshape(-1).double()
-        weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
-        return (flat * weights).sum()
+        """``[kept blocks, sum of a hash of their indices]`` as int64, the same on every device.
+
+        The hash is not linear in the index, so moving two kept blocks in opposite directions (as a
+        tie broken differently does) changes the sum.
+        """
+        flat = layer.mask.reshape(-1)
+        x = (torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) * _HASH_MULTIPLIER) & _HASH_MASK
+        x = x ^ (x >> 15)
+        x = ((x * _HASH_MULTIPLIER_2) & _HASH_MASK) ^ (x >> 13)
+        return torch.stack([flat.sum(dtype=torch.int64), (x * flat).sum()])
 
     # --- logging ----------------------------------------------------------------------------------
     def target_sparsity(self) -> float:
@@ -467,11 +617,18 @@ class BlockPruning(Callback):
 
     # --- the end ----------------------------------------------------------------------------------
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._committed:  # commit() was called during fit
+            return
+        short = [
+            f"{layer.name} keeps {layer.num_kept} of {layer.layout.num_blocks} (target {target})"
+            for layer in self.layers
+            if layer.num_kept > (target := keep_count(layer.layout.num_blocks, self.sparsity))
+        ]
         self.commit()
-        if self.achieved_sparsity() + 1e-9 < self.sparsity * (1 - 1e-6) and self.sparsity > 0:
+        if short:
             rank_zero_warn(
                 f"BlockPruning: training ended at {self.achieved_sparsity():.2%} block sparsity, below the target "
-                f"{self.sparsity:.2%} (stopped before the plan's final sparse phase?)"
+                f"{self.sparsity:.2%}: {'; '.join(short[:10])} (stopped before the plan's final sparse phase?)"
             )
 
     def commit(self) -> None:
@@ -496,15 +653,104 @@ class BlockPruning(Callback):
             "segment_index": self._segment_index,
             "sparsify_start": list(self._sparsify_start),
             "committed": self._committed,
+            "total_steps": self.schedule.total_steps if self.schedule is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported BlockPruning checkpoint state version {state_dict.get('version')!r}")
         if state_dict.get("committed"):
-            raise ValueError("this checkpoint was saved after BlockPruning committed the weights; the run is over")
+            raise ValueError(
+                "this checkpoint was saved after BlockPruning committed the weights when fit returned: the run is "
+                "finished and cannot be resumed. Its state_dict holds plain pruned weights (load them with "
+                "model.load_state_dict); resume from a checkpoint written during training instead"
+            )
         self._raise_on_config_difference(state_dict["config"])
         self._segment_index = state_dict["segment_index"]
         self._sparsify_start = list(state_dict["sparsify_start"])
+        self._resumed_total_steps = state_dict.get("total_steps")
         for layer in self.layers:
             layer.refresh_kept_count()
+
+
+def _carries_block_pruning(module: nn.Module) -> bool:
+    """Whether a BlockPruning callback already put its mask on ``module`` (and did not commit)."""
+    if hasattr(module, MASK_BUFFER):
+        return True
+    if not parametrize.is_parametrized(module, "weight"):
+        return False
+    return any(isinstance(p, BlockReparam) for p in module.parametrizations.weight)
+
+
+@torch.no_grad()
+def committed_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The plain state_dict that :meth:`BlockPruning.commit` would leave, from a checkpoint written during fit.
+
+    A training checkpoint holds each pruned layer's raw weight, mask and (SA++) logits under
+    parametrization keys, and a ``_block_pruning_config`` entry. This folds them exactly as the commit
+    does (pruned blocks exact zeros, attention and PowerPropagation scaling folded in) and returns a
+    state_dict with the keys the model had before fit, which loads into the model without this package.
+    On CPU the result is bit-identical to the commit's.
+
+    Args:
+        checkpoint: a path to a Lightning checkpoint (loaded on CPU, ``weights_only=False``: only open
+            checkpoints you trust), a loaded checkpoint (a dict with ``"state_dict"``), or a model state_dict.
+            One without BlockPruning state (e.g. already committed) is returned unchanged.
+
+    Example:
+        >>> import torch
+        >>> from sapp_lightning import committed_state_dict
+        >>> committed_state_dict({"state_dict": {"fc.weight": torch.ones(2, 2)}})["fc.weight"].shape
+        torch.Size([2, 2])
+    """
+    if isinstance(checkpoint, str | os.PathLike):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f"expected a checkpoint path, a checkpoint dict or a state_dict, got {type(checkpoint)!r}")
+    state = checkpoint["state_dict"] if isinstance(checkpoint.get("state_dict"), Mapping) else checkpoint
+    configs = [k for k in state if k == CONFIG_KEY or k.endswith("." + CONFIG_KEY)]
+    if not configs:
+        leftover = [k for k in state if ".parametrizations.weight." in k or k.endswith("." + MASK_BUFFER)]
+        if leftover:
+            raise ValueError(
+                f"the state_dict holds parametrization or mask entries ({leftover[0]!r}, ...) but no "
+                f"{CONFIG_KEY!r} entry: it was not written by a BlockPruning run, or the entry was removed"
+            )
+        return dict(state)
+    weights: dict[str, torch.Tensor] = {}  # prefix of a pruned layer -> its committed weight
+    dropped: set[str] = set()
+    for config_key in configs:
+        root = config_key[: -len(CONFIG_KEY)]
+        config = state[config_key]
+        dropped.add(config_key)
+        algorithm = get_algorithm(config["algorithm"])(
+            config["prune_mode"], sparsity=config["sparsity"], attention_clipping=config["attention_clipping"]
+        )
+        for name, kind in zip(config["layers"], config["kinds"]):
+            prefix = f"{root}{name}."
+            reparam_prefix = f"{prefix}parametrizations.weight."
+            if reparam_prefix + "original" in state:
+                original = state[reparam_prefix + "original"]
+                layout = BlockLayout(kind, tuple(original.shape), tuple(config["block_size"]))
+                reparam = algorithm.make_reparam(layout)
+                if reparam is None:
+                    raise ValueError(f"layer {name!r} has a parametrization, but {config['algorithm']!r} uses none")
+                own = {k: state[f"{reparam_prefix}0.{k}"] for k in reparam.state_dict()}
+                reparam.load_state_dict(own)
+                weights[prefix] = reparam.to(original.device)(original)
+                dropped.update([reparam_prefix + "original"] + [f"{reparam_prefix}0.{k}" for k in own])
+            else:
+                weight, mask = state[prefix + "weight"], state[prefix + MASK_BUFFER]
+                layout = BlockLayout(kind, tuple(weight.shape), tuple(config["block_size"]))
+                weights[prefix] = weight * layout.expand(mask.to(weight.dtype))
+                dropped.update([prefix + "weight", prefix + MASK_BUFFER])
+    plain: dict[str, torch.Tensor] = {}
+    pending = dict(weights)
+    for key, value in state.items():
+        # ``weight`` comes first among a layer's entries, as in the model before fit
+        prefix = next((p for p in pending if key.startswith(p)), None)
+        if prefix is not None:
+            plain[prefix + "weight"] = pending.pop(prefix)
+        if key not in dropped:
+            plain[key] = value
+    return plain

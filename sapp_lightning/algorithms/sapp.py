@@ -16,7 +16,8 @@ class BlockAttention(BlockReparam):
 
     The logits start at 0, so ``A`` is 1 everywhere and the layer is unchanged. ``clip`` bounds
     ``A`` to ``[clip, 1 / clip]`` (SPEC section 6 #3: ``clip = 1 - target sparsity``).
-    The logits stay float32 whatever the weight's dtype.
+    The logits, the attention and the scaling stay float32 whatever the weight's dtype (also after
+    ``module.to(torch.bfloat16)``); only the effective weight is rounded to the weight's dtype.
     """
 
     def __init__(self, layout: BlockLayout, clip: float | None = None) -> None:
@@ -33,6 +34,24 @@ class BlockAttention(BlockReparam):
 
     def block_scale(self, weight: Tensor) -> Tensor:
         return self.attention() * self.block_mask
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if weight.dtype in (torch.float16, torch.bfloat16):
+            # scale in float32 so that the logits' gradient (a sum over each block) is not summed in half
+            # precision; only the effective weight is rounded to the weight's dtype
+            return self.layout.scale(weight.float(), self.block_scale(weight)).to(weight.dtype)
+        return super().forward(weight)
+
+    def _apply(self, fn, recurse=True):
+        # ``module.to(torch.bfloat16)`` / ``.half()`` (e.g. Lightning's "bf16-true" and "16-true") convert every
+        # floating-point parameter; the logits go back to float32 (same Parameter object, so optimizers keep it).
+        super()._apply(fn, recurse)
+        logits = self.logits
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits.data = logits.data.float()
+            if logits.grad is not None:
+                logits.grad = logits.grad.float()
+        return self
 
     def extra_repr(self) -> str:
         return f"grid={tuple(self.logits.shape)}, clip={self.clip}"
