@@ -42,12 +42,8 @@ CONFIGS: list[tuple[str, str, str | None]] = [
     ("powerprop dense", "powerprop", "dense"),
     ("powerprop sparse", "powerprop", "sparse"),
     ("ModelPruning l1 90%", "modelpruning", None),
-    # bench/prototype_fixes.py: the same algorithms with the per-step logging and in-place zeroing fixed
-    ("sapp dense (fix)", "sapp+fix", "dense"),
-    ("sapp sparse (fix)", "sapp+fix", "sparse"),
-    ("acdc sparse (fix)", "acdc+fix", "sparse"),
 ]
-QUICK_CONFIGS = ["dense", "sapp dense", "acdc sparse", "ModelPruning l1 90%", "acdc sparse (fix)"]
+QUICK_CONFIGS = ["dense", "sapp dense", "acdc sparse", "ModelPruning l1 90%"]
 SPARSITY = 0.9
 
 
@@ -106,10 +102,6 @@ def make_callback(algorithm: str, phase: str | None, block: int, min_blocks: int
         return None
     if algorithm == "modelpruning":
         return ModelPruning("l1_unstructured", amount=SPARSITY, use_lottery_ticket_hypothesis=False, verbose=0)
-    if algorithm.endswith("+fix"):
-        from bench.prototype_fixes import FastBlockPruning
-
-        return FastBlockPruning(algorithm[:-4], SPARSITY, block, min_blocks=min_blocks, plan=[(phase, 1.0)])
     return BlockPruning(algorithm, SPARSITY, block, min_blocks=min_blocks, plan=[(phase, 1.0)])
 
 

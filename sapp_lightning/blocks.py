@@ -146,24 +146,42 @@ class BlockLayout:
         kernel = per_block.repeat_interleave(r, dim=0)[:n].repeat_interleave(c, dim=1)[:, :m]
         return self.from_kernel(kernel)
 
-    def scale(self, weight: Tensor, per_block: Tensor) -> Tensor:
-        """``weight * expand(per_block)``, without materializing the expansion when blocks tile exactly."""
+    def _tiled(self, weight: Tensor, per_block: Tensor) -> tuple[Tensor, Tensor] | None:
+        """A view of ``weight`` with the block grid as separate axes, and ``per_block`` shaped to broadcast
+        over it; ``None`` when the blocks do not tile the weight exactly (or it is not contiguous)."""
         (n, m), (r, c) = self.kernel_shape, self.block_size
         gr, gc = self.grid_shape
+        if n % r or m % c or not weight.is_contiguous():
+            return None
+        if self.kind == "linear":  # weight is (out=m, in=n): tile as (gc, c, gr, r)
+            return weight.view(gc, c, gr, r), per_block.t()[:, None, :, None]
+        if self.kind == "embedding":
+            return weight.view(gr, r, gc, c), per_block[:, None, :, None]
+        cout, cin, kh, kw = self.weight_shape
+        if cin % r:
+            return None
+        # a block's rows are r consecutive input channels at one tap: grid (gc, cin/r, kh, kw)
+        grid = per_block.reshape(kh, kw, cin // r, gc).permute(3, 2, 0, 1)
+        return weight.view(gc, c, cin // r, r, kh, kw), grid[:, None, :, None, :, :]
+
+    def scale(self, weight: Tensor, per_block: Tensor) -> Tensor:
+        """``weight * expand(per_block)``, without materializing the expansion when blocks tile exactly."""
         per_block = per_block.to(weight.dtype)
-        if n % r == 0 and m % c == 0:
-            if self.kind == "linear":  # weight is (out=m, in=n): tile as (gc, c, gr, r)
-                tiled = weight.reshape(gc, c, gr, r) * per_block.t()[:, None, :, None]
-                return tiled.reshape(self.weight_shape)
-            if self.kind == "embedding":
-                tiled = weight.reshape(gr, r, gc, c) * per_block[:, None, :, None]
-                return tiled.reshape(self.weight_shape)
-            cout, cin, kh, kw = self.weight_shape
-            if cin % r == 0:  # a block's rows are r consecutive input channels at one tap
-                grid = per_block.reshape(kh, kw, cin // r, gc).permute(3, 2, 0, 1)  # (gc, cin/r, kh, kw)
-                tiled = weight.reshape(gc, c, cin // r, r, kh, kw) * grid[:, None, :, None, :, :]
-                return tiled.reshape(self.weight_shape)
-        return weight * self.expand(per_block)
+        tiled = self._tiled(weight, per_block)
+        if tiled is None:
+            return weight * self.expand(per_block)
+        view, factors = tiled
+        return (view * factors).view(self.weight_shape)
+
+    def scale_(self, weight: Tensor, per_block: Tensor) -> Tensor:
+        """In-place :meth:`scale`: ``weight *= expand(per_block)``."""
+        per_block = per_block.to(weight.dtype)
+        tiled = self._tiled(weight, per_block)
+        if tiled is None:
+            return weight.mul_(self.expand(per_block))
+        view, factors = tiled
+        view.mul_(factors)
+        return weight
 
     def block_sq_norms(self, weight: Tensor) -> Tensor:
         """Squared Frobenius norm of each block, shape ``grid_shape``, in float32 or wider."""

@@ -466,7 +466,9 @@ class BlockPruning(Callback):
         if checked:  # before the masks move, so that scoring never sees the NaN first
             self._check_finite(f"at step {step}")
         self._advance(trainer, step, checked)
-        self._log_step(pl_module)
+        # Only where Lightning will write step metrics: each LightningModule.log costs milliseconds.
+        if trainer.loggers and trainer.log_every_n_steps and step % trainer.log_every_n_steps == 0:
+            self._log_step(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._committed or not self.layers:

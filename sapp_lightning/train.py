@@ -26,7 +26,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import BlockPruning
+from . import BlockPruning, block_sparsity
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     test_metrics = _floats(trainer.test(module, datamodule=datamodule)[0]) if cfg.test else {}
 
     report = None
-    if pruning is not None:
-        report = pruning.report()
+    if pruning is not None:  # measured on the module: under ddp_spawn this process's callback never trained
+        p = cfg.pruning
+        report = block_sparsity(module, p.block_size, include=p.include, exclude=p.exclude, min_blocks=p.min_blocks)
         log.info("block sparsity after fit:\n%s", report.format())
     results = {
         "name": cfg.name,

@@ -94,8 +94,7 @@ class PrunedLayer:
     def zero_pruned_(self) -> None:
         """Zero the stored weights of pruned blocks in place."""
         if self.num_kept < self.layout.num_blocks:
-            weight = self.raw_weight
-            weight.mul_(self.layout.expand(self.mask.to(weight.dtype)))
+            self.layout.scale_(self.raw_weight, self.mask)
 
     @torch.no_grad()
     def commit(self) -> None:
