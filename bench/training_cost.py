@@ -163,13 +163,17 @@ def state_bytes(model_name: str, algorithm: str, phase: str | None) -> dict[str,
 
 
 def peak_rss_mib(model_name: str, label: str, steps: int) -> float:
-    """Peak resident memory of a fresh process that runs one configuration (``ru_maxrss`` of the child)."""
+    """Peak resident memory of a fresh process that runs one configuration.
+
+    Read from ``VmHWM`` in ``/proc/self/status``: Linux carries ``ru_maxrss`` across ``fork`` + ``execve``, so
+    the child's ``ru_maxrss`` would report this (large) parent's peak instead of its own.
+    """
     root = str(Path(__file__).resolve().parents[1])
     code = (
-        f"import sys, resource, torch; sys.path.insert(0, {root!r}); torch.set_num_threads(1);"
+        f"import sys, torch; sys.path.insert(0, {root!r}); torch.set_num_threads(1);"
         "from bench.common import quiet; quiet(); from bench.training_cost import CONFIGS, time_config;"
         f"cfg = {{c[0]: c for c in CONFIGS}}[{label!r}]; time_config({model_name!r}, cfg[1], cfg[2], {steps}, 0);"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024

@@ -146,51 +146,67 @@ class BlockLayout:
         kernel = per_block.repeat_interleave(r, dim=0)[:n].repeat_interleave(c, dim=1)[:, :m]
         return self.from_kernel(kernel)
 
-    def _tiled(self, weight: Tensor, per_block: Tensor) -> tuple[Tensor, Tensor] | None:
-        """A view of ``weight`` with the block grid as separate axes, and ``per_block`` shaped to broadcast
-        over it; ``None`` when the blocks do not tile the weight exactly (or it is not contiguous)."""
+    def _block_view(self, weight: Tensor) -> Tensor | None:
+        """A view of ``weight`` whose axes 1 and 3 run inside a block (the others index blocks), or ``None``
+        when the blocks do not tile the weight exactly or it is not contiguous. Axes: Linear
+        ``(gc, c, gr, r)``; Embedding ``(gr, r, gc, c)``; Conv2d ``(gc, c, cin/r, r, kh, kw)``, since with
+        ``r | cin`` a block's rows are ``r`` consecutive input channels at one tap."""
         (n, m), (r, c) = self.kernel_shape, self.block_size
         gr, gc = self.grid_shape
         if n % r or m % c or not weight.is_contiguous():
             return None
-        if self.kind == "linear":  # weight is (out=m, in=n): tile as (gc, c, gr, r)
-            return weight.view(gc, c, gr, r), per_block.t()[:, None, :, None]
+        if self.kind == "linear":
+            return weight.view(gc, c, gr, r)
         if self.kind == "embedding":
-            return weight.view(gr, r, gc, c), per_block[:, None, :, None]
+            return weight.view(gr, r, gc, c)
         cout, cin, kh, kw = self.weight_shape
-        if cin % r:
-            return None
-        # a block's rows are r consecutive input channels at one tap: grid (gc, cin/r, kh, kw)
-        grid = per_block.reshape(kh, kw, cin // r, gc).permute(3, 2, 0, 1)
-        return weight.view(gc, c, cin // r, r, kh, kw), grid[:, None, :, None, :, :]
+        return weight.view(gc, c, cin // r, r, kh, kw) if cin % r == 0 else None
+
+    def _grid_to_view(self, per_block: Tensor) -> Tensor:
+        """``per_block`` (``grid_shape``) laid out to broadcast over :meth:`_block_view`."""
+        if self.kind == "linear":
+            return per_block.t()[:, None, :, None]
+        if self.kind == "embedding":
+            return per_block[:, None, :, None]
+        cout, cin, kh, kw = self.weight_shape
+        grid = per_block.reshape(kh, kw, cin // self.block_size[0], cout // self.block_size[1])
+        return grid.permute(3, 2, 0, 1)[:, None, :, None, :, :]
+
+    def _view_to_grid(self, reduced: Tensor) -> Tensor:
+        """Inverse of :meth:`_grid_to_view` for a :meth:`_block_view` reduced over axes 1 and 3."""
+        if self.kind == "linear":
+            return reduced.t()
+        if self.kind == "embedding":
+            return reduced
+        return reduced.permute(2, 3, 1, 0).reshape(self.grid_shape)
 
     def scale(self, weight: Tensor, per_block: Tensor) -> Tensor:
         """``weight * expand(per_block)``, without materializing the expansion when blocks tile exactly."""
         per_block = per_block.to(weight.dtype)
-        tiled = self._tiled(weight, per_block)
-        if tiled is None:
+        view = self._block_view(weight)
+        if view is None:
             return weight * self.expand(per_block)
-        view, factors = tiled
-        return (view * factors).view(self.weight_shape)
+        return (view * self._grid_to_view(per_block)).view(self.weight_shape)
 
     def scale_(self, weight: Tensor, per_block: Tensor) -> Tensor:
         """In-place :meth:`scale`: ``weight *= expand(per_block)``."""
         per_block = per_block.to(weight.dtype)
-        tiled = self._tiled(weight, per_block)
-        if tiled is None:
+        view = self._block_view(weight)
+        if view is None:
             return weight.mul_(self.expand(per_block))
-        view, factors = tiled
-        view.mul_(factors)
+        view.mul_(self._grid_to_view(per_block))
         return weight
 
     def block_sq_norms(self, weight: Tensor) -> Tensor:
         """Squared Frobenius norm of each block, shape ``grid_shape``, in float32 or wider."""
+        if weight.dtype in (torch.float16, torch.bfloat16):
+            weight = weight.float()
+        view = self._block_view(weight)
+        if view is not None:  # no permuted copy, no padding (PowerPropagation computes this every forward)
+            return self._view_to_grid(view.square().sum(dim=(1, 3)))
         (n, m), (r, c) = self.kernel_shape, self.block_size
         gr, gc = self.grid_shape
-        kernel = self.to_kernel(weight)
-        if kernel.dtype in (torch.float16, torch.bfloat16):
-            kernel = kernel.float()
-        sq = kernel.square()
+        sq = self.to_kernel(weight).square()
         if n % r or m % c:
             sq = torch.nn.functional.pad(sq, (0, gc * c - m, 0, gr * r - n))
         return sq.reshape(gr, r, gc, c).sum(dim=(1, 3))
