@@ -72,6 +72,13 @@ def test_the_issue_commands_compose_exactly_as_written(tmp_path):
     assert cfg.data.batch_size == 32768 and cfg.trainer.max_epochs == 25
 
 
+def test_recipes_override_the_primary_config_including_the_sweep_folder(tmp_path):
+    # `make demo` gathers runs/demo: the recipe's hydra.sweep.dir must win over conf/config.yaml's
+    assert compose_cfg(["recipe=fashion_mnist_demo"], tmp_path).hydra.sweep.dir == "runs/demo"
+    assert compose_cfg(["recipe=criteo_table2"], tmp_path).hydra.sweep.dir == "runs/table2_criteo"
+    assert compose_cfg([], tmp_path).hydra.sweep.dir.startswith("runs/multirun/")
+
+
 def test_cfg_job_prints_the_composed_config():
     out = subprocess.run(
         [sys.executable, "-m", "sapp_lightning.train", "recipe=criteo_paper", "pruning=none", "--cfg", "job"],
