@@ -83,16 +83,19 @@ def test_edge_blocks_fall_back_to_csr():
         to_block_sparse(net, block_size=8, min_sparsity=0.5, layout="bsr")
 
 
-def test_errors():
-    net = _net()
-    with pytest.raises(ValueError, match="min_sparsity"):
-        to_block_sparse(net, block_size=8, min_sparsity=1.5)
-    with pytest.raises(ValueError, match="layout"):
-        to_block_sparse(net, block_size=8, layout="coo")
-    with pytest.raises(ValueError, match="block_size"):
-        to_block_sparse(net, block_size=0)
-    with pytest.raises(ValueError, match="no BlockSparseLinear"):
-        save_block_sparse(net, "unused.pt")
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda net: to_block_sparse(net, block_size=8, min_sparsity=1.5), "min_sparsity"),
+        (lambda net: to_block_sparse(net, block_size=8, layout="coo"), "layout"),
+        (lambda net: to_block_sparse(net, block_size=0), "block_size"),
+        (lambda net: save_block_sparse(net, "unused.pt"), "no BlockSparseLinear"),
+    ],
+    ids=["min_sparsity", "layout", "block_size", "nothing_to_save"],
+)
+def test_each_error_message(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(_net())
 
 
 def test_load_into_another_architecture_is_refused(tmp_path):
