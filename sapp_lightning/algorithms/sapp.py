@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -87,8 +85,3 @@ class SequentialAttentionPP(PruningAlgorithm):
     @property
     def zeroes_pruned_weights(self) -> bool:
         return self.prune_mode == "zero"
-
-
-def logit_sq_norm(layers: list[PrunedLayer]) -> float:
-    """Sum of squared logits over ``layers`` (for logging the L2 term)."""
-    return math.fsum(float(layer.reparam.logits.detach().square().sum()) for layer in layers)
