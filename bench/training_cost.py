@@ -4,6 +4,7 @@ model in the same process, persistent memory the callback adds, and peak memory.
     python bench/training_cost.py                 # MLP on Fashion-MNIST and ResNet50 (CPU, batch 4 at 64x64)
     python bench/training_cost.py --quick         # < 2 minutes: the MLP, fewer repeats, no peak-memory runs
     python bench/training_cost.py --models mlp --rounds 5
+    python bench/training_cost.py --compile       # the same with torch.compile(model) (inductor) for every run
 
 Each configuration is a Lightning fit of ``2 x steps`` optimizer steps with a one-phase plan (``[("sparse", 1.0)]``
 and so on) that forces the phase; only the second epoch is timed (the first warms up and lets Lightning's
@@ -105,8 +106,11 @@ def make_callback(algorithm: str, phase: str | None, block: int, min_blocks: int
     return BlockPruning(algorithm, SPARSITY, block, min_blocks=min_blocks, plan=[(phase, 1.0)])
 
 
-def time_config(model_name: str, algorithm: str, phase: str | None, steps: int, seed: int) -> list[float]:
-    """Step times (s) of the second epoch of a ``2 x steps`` fit."""
+def time_config(
+    model_name: str, algorithm: str, phase: str | None, steps: int, seed: int, compile: bool = False
+) -> list[float]:
+    """Step times (s) of the second epoch of a ``2 x steps`` fit (of ``torch.compile(module)`` if ``compile``;
+    compilation happens in the first, untimed epoch)."""
     import pytorch_lightning as pl
 
     pl.seed_everything(seed, verbose=False)
@@ -116,7 +120,7 @@ def time_config(model_name: str, algorithm: str, phase: str | None, steps: int, 
     pruning = make_callback(algorithm, phase, block, min_blocks)
     callbacks = [start] + ([pruning] if pruning else []) + [end]
     kwargs = trainer_kwargs() | {"limit_train_batches": steps, "max_epochs": 2}
-    pl.Trainer(callbacks=callbacks, **kwargs).fit(module, train_dataloaders=loader)
+    pl.Trainer(callbacks=callbacks, **kwargs).fit(torch.compile(module) if compile else module, loader)
     return clock.times
 
 
@@ -162,7 +166,7 @@ def state_bytes(model_name: str, algorithm: str, phase: str | None) -> dict[str,
     )
 
 
-def peak_rss_mib(model_name: str, label: str, steps: int) -> float:
+def peak_rss_mib(model_name: str, label: str, steps: int, compile: bool = False) -> float:
     """Peak resident memory of a fresh process that runs one configuration.
 
     Read from ``VmHWM`` in ``/proc/self/status``: Linux carries ``ru_maxrss`` across ``fork`` + ``execve``, so
@@ -172,26 +176,28 @@ def peak_rss_mib(model_name: str, label: str, steps: int) -> float:
     code = (
         f"import sys, torch; sys.path.insert(0, {root!r}); torch.set_num_threads(1);"
         "from bench.common import quiet; quiet(); from bench.training_cost import CONFIGS, time_config;"
-        f"cfg = {{c[0]: c for c in CONFIGS}}[{label!r}]; time_config({model_name!r}, cfg[1], cfg[2], {steps}, 0);"
+        f"cfg = {{c[0]: c for c in CONFIGS}}[{label!r}]; time_config({model_name!r}, cfg[1], cfg[2], {steps}, 0, {compile});"
         "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
-def run_model(model_name: str, labels: list[str], rounds: int, steps: int, peak: bool) -> dict[str, Any]:
+def run_model(
+    model_name: str, labels: list[str], rounds: int, steps: int, peak: bool, compile: bool = False
+) -> dict[str, Any]:
     configs = [c for c in CONFIGS if c[0] in labels]
     per_round: dict[str, list[float]] = {c[0]: [] for c in configs}
     medians: dict[str, list[float]] = {c[0]: [] for c in configs}
     for r in range(rounds):
         for label, algorithm, phase in configs:
-            times = time_config(model_name, algorithm, phase, steps, seed=r)
+            times = time_config(model_name, algorithm, phase, steps, seed=r, compile=compile)
             medians[label].append(statistics.median(times))
         for label in per_round:
             per_round[label].append(medians[label][-1] / medians["dense"][-1])
         line = " ".join(f"{k}={v[-1]:.3f}" for k, v in per_round.items())
         print(f"[{model_name} round {r + 1}/{rounds}] ratio to dense: {line}", flush=True)
-    result: dict[str, Any] = {"steps_timed_per_round": steps, "rounds": rounds, "configs": {}}
+    result: dict[str, Any] = {"steps_timed_per_round": steps, "rounds": rounds, "compile": compile, "configs": {}}
     for label, algorithm, phase in configs:
         result["configs"][label] = {
             "ms_per_step_median": 1e3 * statistics.median(medians[label]),
@@ -202,7 +208,7 @@ def run_model(model_name: str, labels: list[str], rounds: int, steps: int, peak:
         if algorithm in ("sapp", "acdc", "magnitude", "powerprop") and phase in ("sparse", "dense"):
             result["configs"][label]["memory"] = state_bytes(model_name, algorithm, phase)
         if peak:
-            result["configs"][label]["peak_rss_mib"] = peak_rss_mib(model_name, label, steps)
+            result["configs"][label]["peak_rss_mib"] = peak_rss_mib(model_name, label, steps, compile)
             print(f"[{model_name}] peak RSS {label}: {result['configs'][label]['peak_rss_mib']:.0f} MiB", flush=True)
     return result
 
@@ -219,7 +225,8 @@ def target(label: str) -> float | None:
 
 def print_table(results: dict[str, Any]) -> None:
     for model_name, res in results["models"].items():
-        print(f"\n{model_name}: {res['rounds']} rounds x {res['steps_timed_per_round']} timed steps")
+        compiled = " (torch.compile)" if res.get("compile") else ""
+        print(f"\n{model_name}{compiled}: {res['rounds']} rounds x {res['steps_timed_per_round']} timed steps")
         print(
             "| configuration | ms/step | ratio to dense (median [min, max]) | target | met | callback state / weights |"
         )
@@ -247,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, help="timed steps per fit (default: 30 MLP, 6 ResNet50)")
     p.add_argument("--no-peak", action="store_true", help="skip the peak-memory subprocess runs")
-    p.add_argument("--out", type=Path, default=Path("runs/training_cost.json"))
+    p.add_argument("--compile", action="store_true", help="time torch.compile(model) (inductor) in every configuration")
+    p.add_argument("--out", type=Path, help="default: runs/training_cost.json (runs/training_cost_compiled.json)")
     args = p.parse_args(argv)
     quiet()
     torch.set_num_threads(1)
@@ -258,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         rounds = 2 if args.quick else args.rounds
         steps = args.steps or (10 if args.quick else {"mlp": 30, "resnet50": 6}[model_name])
         peak = not (args.quick or args.no_peak)
-        results["models"][model_name] = run_model(model_name, labels, rounds, steps, peak)
+        results["models"][model_name] = run_model(model_name, labels, rounds, steps, peak, args.compile)
+    args.out = args.out or Path("runs/training_cost_compiled.json" if args.compile else "runs/training_cost.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print_table(results)

@@ -101,3 +101,24 @@ def test_keep_count(n, s, k):
 def test_bad_block_size_is_rejected(bad):
     with pytest.raises(ValueError, match="block_size"):
         normalize_block_size(bad)
+
+
+@pytest.mark.parametrize(
+    "weight_shape, block",
+    [((10, 12), (4, 5)), ((6, 8, 3, 3), (4, 3)), ((12, 6), (3, 3)), ((11, 13), (4, 5))],
+    ids=["linear", "conv", "embedding-like", "ragged"],
+)
+def test_scale_gradients_match_the_expanded_product(weight_shape, block):
+    """``scale`` has its own backward where blocks tile the weight: it must pass float64 gradcheck, give the
+    gradients of the expanded product, and support double backward (gradient penalties)."""
+    torch.manual_seed(0)
+    weight = torch.randn(*weight_shape, dtype=torch.float64, requires_grad=True)
+    layout = BlockLayout.for_weight(weight, block)
+    per_block = torch.randn(layout.grid_shape, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(layout.scale, (weight, per_block))
+    torch.autograd.gradgradcheck(layout.scale, (weight, per_block))
+    grad = torch.randn(weight_shape, dtype=torch.float64)
+    ours = torch.autograd.grad(layout.scale(weight, per_block), (weight, per_block), grad)
+    reference = torch.autograd.grad(weight * layout.expand(per_block), (weight, per_block), grad)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b)

@@ -5,8 +5,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..blocks import BlockLayout
+from ..blocks import BlockLayout, sum_inside_blocks
 from .base import BlockReparam, PrunedLayer, PruningAlgorithm, register
+
+
+class _NormScaledBlocks(torch.autograd.Function):
+    """``view * (||view_b|| * mask_b)`` over a :meth:`BlockLayout.block_view`, with a hand-written backward.
+
+    Autograd's chain (square, block sum, sqrt, scale) keeps four full-size temporaries and reduces in a slow
+    order; this backward needs one temporary: ``d/dV_b = g_b * n_b * m_b + V_b * m_b * <g_b, V_b> / n_b``.
+    """
+
+    @staticmethod
+    def forward(ctx, view: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
+        norms = sum_inside_blocks(view.square(), keepdim=True).sqrt_()
+        scale = norms * mask
+        ctx.save_for_backward(view, norms, mask, scale)
+        return view * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        view, norms, mask, scale = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the norms must be differentiable functions of the view
+            norms = sum_inside_blocks(view.square(), keepdim=True).sqrt()
+            scale = norms * mask
+        inner = sum_inside_blocks(grad * view, keepdim=True)
+        coef = torch.where(norms > 0, inner * mask / norms, torch.zeros_like(norms))
+        return (grad * scale).addcmul_(view, coef), None
 
 
 class BlockPowerProp(BlockReparam):
@@ -18,6 +43,13 @@ class BlockPowerProp(BlockReparam):
 
     def block_scale(self, weight: Tensor) -> Tensor:
         return self.layout.block_sq_norms(weight).sqrt() * self.block_mask
+
+    def forward(self, weight: Tensor) -> Tensor:
+        view = self.layout.block_view(weight)
+        if view is None or weight.dtype in (torch.float16, torch.bfloat16):  # norms summed in float32 there
+            return super().forward(weight)
+        mask = self.layout.grid_to_view(self.block_mask.to(weight.dtype))
+        return _NormScaledBlocks.apply(view, mask).view(self.layout.weight_shape)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
         norms = self.layout.block_sq_norms(weight).sqrt()
