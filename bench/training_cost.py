@@ -176,7 +176,8 @@ def peak_rss_mib(model_name: str, label: str, steps: int, compile: bool = False)
     code = (
         f"import sys, torch; sys.path.insert(0, {root!r}); torch.set_num_threads(1);"
         "from bench.common import quiet; quiet(); from bench.training_cost import CONFIGS, time_config;"
-        f"cfg = {{c[0]: c for c in CONFIGS}}[{label!r}]; time_config({model_name!r}, cfg[1], cfg[2], {steps}, 0, {compile});"
+        f"cfg = {{c[0]: c for c in CONFIGS}}[{label!r}];"
+        f"time_config({model_name!r}, cfg[1], cfg[2], {steps}, 0, {compile});"
         "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
