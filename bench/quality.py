@@ -27,11 +27,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import fashion_mnist, load_done, movielens, quiet, run_pool, trainer_kwargs  # noqa: E402
+from sapp_lightning.algorithms import BlockAttention  # noqa: E402
 
 METHODS = ("magnitude", "powerprop", "acdc", "sapp")
 CTR_INCLUDE = [r"^net\.mlp\.0$"]
@@ -110,15 +112,15 @@ def weight_sparsity_all(module) -> float:
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train one configuration in this process (one thread) and return its row."""
-    import pytorch_lightning as pl
-
     quiet()
     torch.set_num_threads(1)
     pl.seed_everything(job["seed"], verbose=False)
     module, dm = build_module(job)
     pruning = make_pruning(job)
+    attention: dict[str, list[float]] = {}
+    callbacks = [pruning, AttentionRange(pruning, attention)] if pruning else []
     kwargs = trainer_kwargs() | {"limit_train_batches": job.get("limit_train_batches") or 1.0}
-    trainer = pl.Trainer(max_epochs=job["epochs"], callbacks=[pruning] if pruning else [], **kwargs)
+    trainer = pl.Trainer(max_epochs=job["epochs"], callbacks=callbacks, **kwargs)
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
     seconds = time.perf_counter() - start
@@ -129,7 +131,25 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         report = pruning.report()
         row["achieved_sparsity"] = report.block_sparsity
         row["pruned_layers"] = {layer.name: [layer.zero_blocks, layer.num_blocks] for layer in report.layers}
+    if attention:
+        row["attention_range"] = attention
     return row
+
+
+class AttentionRange(pl.Callback):
+    """SA++ diagnostic: per pruned layer, the smallest and largest attention ``A = N softmax(L)`` over the kept
+    blocks when training ends (before the commit folds it into the weights). A range close to ``[1, 1]`` means
+    the logits barely moved, so the ranking rests on small differences."""
+
+    def __init__(self, pruning, out: dict[str, list[float]]) -> None:
+        self.pruning, self.out = pruning, out
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for layer in self.pruning.layers:
+            if isinstance(layer.reparam, BlockAttention):
+                with torch.no_grad():
+                    kept = layer.reparam.attention()[layer.mask]
+                self.out[layer.name] = [round(float(kept.min()), 4), round(float(kept.max()), 4)]
 
 
 # --- the grids ---------------------------------------------------------------------------------------

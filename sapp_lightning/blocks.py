@@ -247,9 +247,15 @@ class _ScaleBlocks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
         view, grid = ctx.saved_tensors
-        grad_view = grad * grid if ctx.needs_input_grad[0] else None
-        grad_grid = sum_inside_blocks(grad * view, keepdim=True) if ctx.needs_input_grad[1] else None
-        return grad_view, grad_grid
+        if not ctx.needs_input_grad[1]:
+            return grad * grid, None
+        product = grad * view
+        grad_grid = sum_inside_blocks(product, keepdim=True)
+        if not ctx.needs_input_grad[0]:
+            return None, grad_grid
+        if torch.is_grad_enabled():  # create_graph=True: no out= (it is not differentiable)
+            return grad * grid, grad_grid
+        return torch.mul(grad, grid, out=product), grad_grid  # one full-size buffer for both
 
 
 def keep_count(num_blocks: int, sparsity: float) -> int:

@@ -18,20 +18,25 @@ class _NormScaledBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, view: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
-        norms = sum_inside_blocks(view.square(), keepdim=True).sqrt_()
+        squares = view.square()
+        norms = sum_inside_blocks(squares, keepdim=True).sqrt_()
         scale = norms * mask
         ctx.save_for_backward(view, norms, mask, scale)
-        return view * scale
+        return torch.mul(view, scale, out=squares)  # reuse the full-size buffer
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         view, norms, mask, scale = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the norms must be differentiable functions of the view
+        if torch.is_grad_enabled():  # create_graph=True: differentiable norms and no out= / in-place ops
             norms = sum_inside_blocks(view.square(), keepdim=True).sqrt()
             scale = norms * mask
-        inner = sum_inside_blocks(grad * view, keepdim=True)
+            inner = sum_inside_blocks(grad * view, keepdim=True)
+            coef = torch.where(norms > 0, inner * mask / norms, torch.zeros_like(norms))
+            return grad * scale + view * coef, None
+        product = grad * view
+        inner = sum_inside_blocks(product, keepdim=True)
         coef = torch.where(norms > 0, inner * mask / norms, torch.zeros_like(norms))
-        return (grad * scale).addcmul_(view, coef), None
+        return torch.mul(grad, scale, out=product).addcmul_(view, coef), None  # one full-size buffer
 
 
 class BlockPowerProp(BlockReparam):
