@@ -50,6 +50,27 @@ def test_training_cost_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_reparam_cost_quick(tmp_path):
+    out = tmp_path / "reparam.json"
+    text = _run("reparam_cost.py", "--out", str(out))
+    res = json.loads(out.read_text())["results"]["mlp"]
+    assert res["dense"]["ratio_to_dense"] == 1.0
+    assert set(res) == {"dense", "sapp", "powerprop"} and all(r["ms_per_step"] > 0 for r in res.values())
+    assert "| mlp |" in text
+
+
+def test_reparam_cost_parametrizes_the_layers_the_callback_would_prune():
+    from torch.nn.utils import parametrize
+
+    from bench import reparam_cost
+
+    net, x, y = reparam_cost.build("mlp", "sapp")
+    pruned = [name for name, m in net.named_modules() if parametrize.is_parametrized(m)]
+    assert pruned == ["1", "3"]  # the two hidden layers; the 512x10 classifier has 32 blocks < 100
+    assert x.shape[0] == len(y) == 256
+
+
+@pytest.mark.slow
 def test_inference_quick(tmp_path):
     out = tmp_path / "inference.json"
     text = _run("inference.py", "--out", str(out))
