@@ -37,8 +37,8 @@ demo: $(STAMP) fashion-mnist  ## the main job: dense, SA++ and each baseline on 
 	$(PY) -m sapp_lightning.results runs/demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check sapp_lightning tests
-	$(PY) -m ruff format --check sapp_lightning tests
+	$(PY) -m ruff check sapp_lightning bench tests
+	$(PY) -m ruff format --check sapp_lightning bench tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
