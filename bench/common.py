@@ -117,8 +117,18 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
 def run_pool(
     jobs: list[dict[str, Any]], worker: Callable[[dict[str, Any]], dict[str, Any]], out: Path, processes: int
 ) -> list[dict[str, Any]]:
-    """Run ``worker(job)`` for every job whose key is not in ``out`` yet; print one line per finished run."""
+    """Run ``worker(job)`` for every job whose key is not in ``out`` yet; print one line per finished run.
+
+    A finished run counts only if it was made with the same settings: a key whose row in ``out`` differs from the
+    job in another field (say ``min_blocks``) raises ``ValueError`` instead of silently standing in for it.
+    """
     done = load_done(out)
+    for job in jobs:
+        row = done.get(job["key"])
+        differs = sorted(k for k, v in job.items() if row is not None and row.get(k) != v)
+        if differs:
+            settings = ", ".join(f"{k}={row.get(k)!r} there, {job[k]!r} asked" for k in differs)
+            raise ValueError(f"{out} already holds {job['key']} with other settings ({settings}); use another --out")
     todo = [job for job in jobs if job["key"] not in done]
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already in {out}, {len(todo)} to run", flush=True)
     start = time.perf_counter()

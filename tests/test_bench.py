@@ -88,6 +88,17 @@ def test_store_skips_finished_runs_and_torn_lines(tmp_path):
     assert set(load_done(path)) == {"a"}
 
 
+def test_store_refuses_a_finished_run_made_with_other_settings(tmp_path):
+    from bench.common import run_pool
+
+    path = tmp_path / "runs.jsonl"
+    job = {"key": "images/cnn/sapp/s0.9/b16/seed0/e2", "min_blocks": 16}
+    append_row(path, dict(job, val_acc=85.0))
+    assert run_pool([job], lambda j: pytest.fail("a finished run was trained again"), path, 1) == []
+    with pytest.raises(ValueError, match=r"min_blocks=16 there, 17 asked\); use another --out"):
+        run_pool([dict(job, min_blocks=17)], lambda j: j, path, 1)
+
+
 def test_jobs_and_paper_shaped_table():
     args = quality.parse_args(["--part", "ctr", "--seeds", "0", "1", "--blocks", "10", "--sparsities", "0.9"])
     jobs = quality.ctr_jobs(args)
