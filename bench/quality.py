@@ -47,7 +47,7 @@ def make_pruning(job: dict[str, Any]):
 
     if job["method"] == "dense":
         return None
-    options = dict(job.get("options") or {})
+    options = {k: v for k, v in (job.get("options") or {}).items() if k not in MODULE_OPTIONS}
     if job["part"] == "ctr":
         return BlockPruning(
             job["method"], job["sparsity"], job["block"], min_blocks=0, include=CTR_INCLUDE,
@@ -63,12 +63,15 @@ def build_module(job: dict[str, Any]):
     """The LightningModule and data module of a job (the data is loaded once per process)."""
     from sapp_lightning.models import MLP, CriteoPaperNet, CTRModule, ImageClassifier, SmallCNN
 
+    module_options = {k: v for k, v in (job.get("options") or {}).items() if k in MODULE_OPTIONS}
     if job["part"] == "ctr":
+        if module_options:
+            raise ValueError(f"the CTR module takes none of {sorted(module_options)}; run these ablations on images")
         dm = movielens()
         return CTRModule(CriteoPaperNet(num_dense=dm.num_dense, cardinalities=list(dm.cardinalities))), dm
     dm = fashion_mnist()
     net = MLP(dm.input_shape, dm.num_classes) if job["model"] == "mlp" else SmallCNN(dm.input_shape, dm.num_classes)
-    return ImageClassifier(net, dm.num_classes, lr=IMAGE_LR), dm
+    return ImageClassifier(net, dm.num_classes, lr=IMAGE_LR, **module_options), dm
 
 
 @torch.no_grad()
@@ -202,18 +205,27 @@ ABLATIONS = {
     "no_clip": {"attention_clipping": False},
     "no_reset": {"reset_optimizer": False},
     "logit_l2_1e-4": {"logit_l2": 1e-4},
+    "logit_lr_x10": {"logit_lr_scale": 10.0},  # images only: ImageClassifier's logits at 10x the LR
+    "logit_lr_x100": {"logit_lr_scale": 100.0},
 }
+MODULE_OPTIONS = ("logit_lr_scale",)  # options of the LightningModule, not of BlockPruning
 
 
 def ablation_jobs(args) -> list[dict[str, Any]]:
+    """SA++ variants on CTR, or with ``--ablations-on images`` on each of ``--models``."""
+    images = args.ablations_on == "images"
+    extra = [dict(model=m, min_blocks=args.min_blocks) for m in args.models] if images else [{}]
     jobs = []
     for name in args.ablations:
-        for block in args.blocks or [10]:
-            for seed in args.seeds:
-                for sparsity in args.sparsities or [0.9, 0.98]:
-                    jobs.append(
-                        make_job("ctr", "sapp", sparsity, block, seed, args.epochs, options=dict(ABLATIONS[name]))
-                    )
+        for fields in extra:
+            for block in args.blocks or [16 if images else 10]:
+                for seed in args.seeds:
+                    for sparsity in args.sparsities or [0.9, 0.98]:
+                        options = dict(ABLATIONS[name])
+                        part = "images" if images else "ctr"
+                        jobs.append(
+                            make_job(part, "sapp", sparsity, block, seed, args.epochs, options=options, **fields)
+                        )
     return jobs
 
 
@@ -254,10 +266,10 @@ def paper_shaped_table(rows: list[dict[str, Any]], metric: str, digits: int, mod
 
 
 def ablation_table(rows: list[dict[str, Any]], metric: str, digits: int) -> str:
-    """SA++ variants against the default SA++ and ACDC of the same cells."""
+    """SA++ variants against the default SA++ and ACDC of the same cells (rows of one part and model)."""
     variants: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
-        if r["part"] != "ctr" or r["method"] not in ("sapp", "acdc"):
+        if r["method"] not in ("sapp", "acdc"):
             continue
         name = (
             r["method"]
@@ -288,6 +300,10 @@ def print_tables(paths: list[Path]) -> None:
         if img:
             print(f"\nFashion-MNIST {model}, validation top-1 %\n" + paper_shaped_table(img, "val_acc", 2, model))
             print(f"\nFashion-MNIST {model}, test top-1 %\n" + paper_shaped_table(img, "test_acc", 2, model))
+            if any(r.get("options") for r in img):
+                print(
+                    f"\nSA++ ablations, Fashion-MNIST {model}, validation top-1 %\n" + ablation_table(img, "val_acc", 2)
+                )
 
 
 # --- command line ------------------------------------------------------------------------------------
@@ -303,6 +319,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=["mlp"], choices=["mlp", "cnn"])
     p.add_argument("--min-blocks", type=int, default=100, help="images: layers with fewer blocks stay dense")
     p.add_argument("--ablations", nargs="+", default=["no_sparsify", "c2", "c8"], choices=list(ABLATIONS))
+    p.add_argument("--ablations-on", choices=["ctr", "images"], default="ctr", help="images: on each of --models")
     p.add_argument("--processes", type=int, default=2, help="runs in parallel, one thread each")
     p.add_argument("--out", type=Path, help="JSON lines file (default runs/quality/<part>.jsonl)")
     p.add_argument("--table", type=Path, nargs="*", help="only print the tables of these files")

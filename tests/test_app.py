@@ -176,3 +176,28 @@ def test_joblib_multirun_of_two_jobs_and_the_results_table(tmp_path, capsys):
 def test_results_on_an_empty_folder_says_so(tmp_path, capsys):
     assert results_main([str(tmp_path)]) == 1
     assert "no results.json below" in capsys.readouterr().err
+
+
+def test_image_classifier_can_train_the_attention_logits_at_a_scaled_learning_rate(tmp_path):
+    import pytorch_lightning as pl
+    import torch
+    from conftest import make_trainer
+
+    from sapp_lightning.algorithms import BlockAttention
+    from sapp_lightning.models import ImageClassifier
+
+    class Groups(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            logits = {id(m.logits) for m in pl_module.modules() if isinstance(m, BlockAttention)}
+            self.groups = [
+                (g["initial_lr"], g["weight_decay"], {id(p) in logits for p in g["params"]})
+                for g in trainer.optimizers[0].param_groups
+            ]
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    module = ImageClassifier(net, 4, lr=0.05, weight_decay=1e-4, logit_lr_scale=10.0)
+    groups = Groups()
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 4, 4), torch.randint(4, (16,)))
+    trainer = make_trainer(tmp_path, [BlockPruning("sapp", 0.5, 4, min_blocks=1), groups], max_epochs=1)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    assert groups.groups == [(0.05, 1e-4, {False}), (0.05, 0.0, {False}), (pytest.approx(0.5), 1e-4, {True})]

@@ -107,3 +107,13 @@ def test_jobs_and_paper_shaped_table():
     table = quality.paper_shaped_table(rows, "val_loss", 4)
     assert "| 90% | sapp | 0.5050 ± 0.0071 (n=2) (90.0%) | 0.4535 |" in table
     assert "| 0 | dense | 0.5050 ± 0.0071 (n=2) |" in table
+
+
+def test_image_ablations_pass_the_module_option_to_the_module_not_the_callback():
+    argv = "--part ablations --ablations-on images --models cnn --ablations logit_lr_x10 --seeds 0 --sparsities 0.95"
+    args = quality.parse_args([*argv.split(), "--min-blocks", "16"])
+    (job,) = quality.ablation_jobs(args)
+    assert job["key"] == "images/cnn/sapp/s0.95/b16/seed0/e3/logit_lr_scale=10.0" and job["min_blocks"] == 16
+    assert quality.make_pruning(job).algorithm.name == "sapp"  # BlockPruning would reject logit_lr_scale
+    with pytest.raises(ValueError, match="run these ablations on images"):
+        quality.build_module(dict(job, part="ctr"))

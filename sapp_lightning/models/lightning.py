@@ -16,13 +16,24 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
 
-def _decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and kernels (SA++'s logits included, as in the paper); none on biases and norms."""
-    decay, no_decay = [], []
+def _param_groups(module: nn.Module, weight_decay: float, lr: float, logit_lr_scale: float = 1.0) -> list[dict]:
+    """Weight decay on matrices and kernels (SA++'s logits included, as in the paper); none on biases and norms.
+
+    With ``logit_lr_scale != 1`` SA++'s attention logits form a third group at ``lr * logit_lr_scale``.
+    """
+    from ..algorithms import BlockAttention
+
+    logit_ids = set()
+    if logit_lr_scale != 1.0:
+        logit_ids = {id(m.logits) for m in module.modules() if isinstance(m, BlockAttention)}
+    decay, no_decay, logits = [], [], []
     for param in module.parameters():
         if param.requires_grad:
-            (decay if param.ndim > 1 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (logits if id(param) in logit_ids else decay if param.ndim > 1 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if logits:
+        groups.append({"params": logits, "weight_decay": weight_decay, "lr": lr * logit_lr_scale})
+    return groups
 
 
 class ImageClassifier(pl.LightningModule):
@@ -30,7 +41,8 @@ class ImageClassifier(pl.LightningModule):
 
     ``lr`` is the peak learning rate at a global batch of ``lr_reference_batch`` (when given) and is
     scaled linearly with the actual global batch, ``datamodule.batch_size x devices x accumulation``
-    (the ImageNet recipe: 0.8 at 2048).
+    (the ImageNet recipe: 0.8 at 2048). ``logit_lr_scale`` multiplies the learning rate of SA++'s attention
+    logits (they are created by ``BlockPruning`` before ``configure_optimizers`` runs); the paper uses 1.
     """
 
     def __init__(
@@ -44,6 +56,7 @@ class ImageClassifier(pl.LightningModule):
         warmup_epochs: float = 0.0,
         label_smoothing: float = 0.0,
         lr_reference_batch: int | None = None,
+        logit_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -82,9 +95,8 @@ class ImageClassifier(pl.LightningModule):
                 raise ValueError("lr_reference_batch needs a datamodule with a batch_size attribute to scale the LR")
             global_batch = batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
             lr = hp.lr * global_batch / hp.lr_reference_batch
-        optimizer = torch.optim.SGD(
-            _decay_groups(self, hp.weight_decay), lr=lr, momentum=hp.momentum, nesterov=hp.nesterov
-        )
+        groups = _param_groups(self, hp.weight_decay, lr, hp.logit_lr_scale)
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
         warmup = round(total * hp.warmup_epochs / epochs) if epochs else 0
