@@ -36,6 +36,7 @@ from bench.common import fashion_mnist, load_done, movielens, quiet, run_pool, t
 from sapp_lightning.algorithms import BlockAttention  # noqa: E402
 
 METHODS = ("magnitude", "powerprop", "acdc", "sapp")
+MODELS = ("mlp", "cnn", "cnn_nobn")  # cnn_nobn: SmallCNN without BatchNorm
 CTR_INCLUDE = [r"^net\.mlp\.0$"]
 IMAGE_LR = 0.05
 
@@ -70,7 +71,10 @@ def build_module(job: dict[str, Any]):
         dm = movielens()
         return CTRModule(CriteoPaperNet(num_dense=dm.num_dense, cardinalities=list(dm.cardinalities))), dm
     dm = fashion_mnist()
-    net = MLP(dm.input_shape, dm.num_classes) if job["model"] == "mlp" else SmallCNN(dm.input_shape, dm.num_classes)
+    if job["model"] == "mlp":
+        net = MLP(dm.input_shape, dm.num_classes)
+    else:  # "cnn", or "cnn_nobn": the same without BatchNorm
+        net = SmallCNN(dm.input_shape, dm.num_classes, batch_norm=job["model"] == "cnn")
     return ImageClassifier(net, dm.num_classes, lr=IMAGE_LR, **module_options), dm
 
 
@@ -295,7 +299,7 @@ def print_tables(paths: list[Path]) -> None:
         print("\nCTR test BCE\n" + paper_shaped_table(ctr, "test_loss", 4))
         if any(r.get("options") for r in ctr):
             print("\nSA++ ablations, validation BCE\n" + ablation_table(ctr, "val_loss", 4))
-    for model in ("mlp", "cnn"):
+    for model in MODELS:
         img = [r for r in rows if r["part"] == "images" and r.get("model") == model]
         if img:
             print(f"\nFashion-MNIST {model}, validation top-1 %\n" + paper_shaped_table(img, "val_acc", 2, model))
@@ -316,7 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparsities", type=float, nargs="+", help="default: the paper's for the part")
     p.add_argument("--blocks", type=int, nargs="+", help="default: 10 20 5 (CTR), 16 8 32 (images), 10 (ablations)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--models", nargs="+", default=["mlp"], choices=["mlp", "cnn"])
+    p.add_argument("--models", nargs="+", default=["mlp"], choices=MODELS)
     p.add_argument("--min-blocks", type=int, default=100, help="images: layers with fewer blocks stay dense")
     p.add_argument("--ablations", nargs="+", default=["no_sparsify", "c2", "c8"], choices=list(ABLATIONS))
     p.add_argument("--ablations-on", choices=["ctr", "images"], default="ctr", help="images: on each of --models")

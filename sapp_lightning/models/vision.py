@@ -30,7 +30,8 @@ class MLP(nn.Sequential):
 class SmallCNN(nn.Module):
     """Two 3x3 conv blocks (conv, BN, ReLU, 2x2 max-pool), a hidden Linear layer and the classifier.
 
-    The conv kernels are pruned through the paper's ``(kh * kw * cin) x cout`` layout.
+    The conv kernels are pruned through the paper's ``(kh * kw * cin) x cout`` layout. ``batch_norm=False``
+    drops the BatchNorm layers (the convolutions get a bias instead).
 
     Example:
         >>> import torch
@@ -39,14 +40,20 @@ class SmallCNN(nn.Module):
     """
 
     def __init__(
-        self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 64), hidden: int = 256
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: Sequence[int] = (32, 64),
+        hidden: int = 256,
+        batch_norm: bool = True,
     ) -> None:
         super().__init__()
         cin, height, width = input_shape
         blocks: list[nn.Module] = []
         for cout in channels:
-            blocks += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-            blocks.append(nn.MaxPool2d(2))
+            blocks.append(nn.Conv2d(cin, cout, 3, padding=1, bias=not batch_norm))
+            blocks += [nn.BatchNorm2d(cout)] if batch_norm else []
+            blocks += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             cin, height, width = cout, height // 2, width // 2
         self.features = nn.Sequential(*blocks)
         self.classifier = nn.Sequential(
