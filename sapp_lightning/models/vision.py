@@ -37,6 +37,8 @@ class SmallCNN(nn.Module):
         >>> import torch
         >>> SmallCNN((1, 28, 28), 10)(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 10])
+        >>> [type(m).__name__ for m in SmallCNN((1, 28, 28), 10, batch_norm=False).features]
+        ['Conv2d', 'ReLU', 'MaxPool2d', 'Conv2d', 'ReLU', 'MaxPool2d']
     """
 
     def __init__(
