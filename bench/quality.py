@@ -6,6 +6,7 @@ so an interrupted or extended sweep continues where it stopped::
     python bench/quality.py --part ctr --epochs 3 --seeds 0 1 2 --blocks 10          # Table 2 shape
     python bench/quality.py --part images --model mlp --epochs 2 --seeds 0 1 2      # Table 1 shape
     python bench/quality.py --part ablations --epochs 3 --seeds 0 1 2               # no sparsification, c=2/4/8
+    python bench/quality.py --part ablations --ablations-on images --models cnn --ablations logit_lr_x10
     python bench/quality.py --quick                                                 # < 2 minutes: a smoke run
     python bench/quality.py --table runs/quality/ctr.jsonl                          # print the tables
 
@@ -224,7 +225,7 @@ def ablation_jobs(args) -> list[dict[str, Any]]:
         for fields in extra:
             for block in args.blocks or [16 if images else 10]:
                 for seed in args.seeds:
-                    for sparsity in args.sparsities or [0.9, 0.98]:
+                    for sparsity in args.sparsities or ([0.9, 0.95] if images else [0.9, 0.98]):
                         options = dict(ABLATIONS[name])
                         part = "images" if images else "ctr"
                         jobs.append(
@@ -318,7 +319,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--sparsities", type=float, nargs="+", help="default: the paper's for the part")
-    p.add_argument("--blocks", type=int, nargs="+", help="default: 10 20 5 (CTR), 16 8 32 (images), 10 (ablations)")
+    p.add_argument("--blocks", type=int, nargs="+", help="default: 10 20 5 (CTR), 16 8 32 (images), 10/16 (ablations)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--models", nargs="+", default=["mlp"], choices=MODELS)
     p.add_argument("--min-blocks", type=int, default=100, help="images: layers with fewer blocks stay dense")
