@@ -43,13 +43,22 @@ IMAGE_LR = 0.05
 
 
 # --- one run -----------------------------------------------------------------------------------------
+def split_options(job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A job's options for ``BlockPruning`` and those for the LightningModule (``MODULE_OPTIONS``)."""
+    options = job.get("options") or {}
+    return (
+        {k: v for k, v in options.items() if k not in MODULE_OPTIONS},
+        {k: v for k, v in options.items() if k in MODULE_OPTIONS},
+    )
+
+
 def make_pruning(job: dict[str, Any]):
     """The BlockPruning of a job, or ``None`` for the dense model."""
     from sapp_lightning import BlockPruning
 
     if job["method"] == "dense":
         return None
-    options = {k: v for k, v in (job.get("options") or {}).items() if k not in MODULE_OPTIONS}
+    options, _ = split_options(job)
     if job["part"] == "ctr":
         return BlockPruning(
             job["method"], job["sparsity"], job["block"], min_blocks=0, include=CTR_INCLUDE,
@@ -65,7 +74,7 @@ def build_module(job: dict[str, Any]):
     """The LightningModule and data module of a job (the data is loaded once per process)."""
     from sapp_lightning.models import MLP, CriteoPaperNet, CTRModule, ImageClassifier, SmallCNN
 
-    module_options = {k: v for k, v in (job.get("options") or {}).items() if k in MODULE_OPTIONS}
+    _, module_options = split_options(job)
     if job["part"] == "ctr":
         if module_options:
             raise ValueError(f"the CTR module takes none of {sorted(module_options)}; run these ablations on images")
@@ -219,6 +228,7 @@ MODULE_OPTIONS = ("logit_lr_scale",)  # options of the LightningModule, not of B
 def ablation_jobs(args) -> list[dict[str, Any]]:
     """SA++ variants on CTR, or with ``--ablations-on images`` on each of ``--models``."""
     images = args.ablations_on == "images"
+    part = "images" if images else "ctr"
     extra = [dict(model=m, min_blocks=args.min_blocks) for m in args.models] if images else [{}]
     jobs = []
     for name in args.ablations:
@@ -227,7 +237,6 @@ def ablation_jobs(args) -> list[dict[str, Any]]:
                 for seed in args.seeds:
                     for sparsity in args.sparsities or ([0.9, 0.95] if images else [0.9, 0.98]):
                         options = dict(ABLATIONS[name])
-                        part = "images" if images else "ctr"
                         jobs.append(
                             make_job(part, "sapp", sparsity, block, seed, args.epochs, options=options, **fields)
                         )

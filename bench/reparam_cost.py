@@ -29,15 +29,11 @@ from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import interleaved_times, machine  # noqa: E402
-from sapp_lightning.algorithms.powerprop import BlockPowerProp  # noqa: E402
-from sapp_lightning.algorithms.sapp import BlockAttention  # noqa: E402
+from sapp_lightning.algorithms import get_algorithm  # noqa: E402
 from sapp_lightning.targets import candidate_layers  # noqa: E402
 
 SPARSITY, BLOCK, MIN_BLOCKS = 0.9, 16, 100
-REPARAMS = {
-    "sapp": lambda layout: BlockAttention(layout, clip=1.0 - SPARSITY),
-    "powerprop": BlockPowerProp,
-}
+KINDS = ("sapp", "powerprop")  # the algorithms that reparametrize the forward
 
 
 def build(model_name: str, kind: str, batch: int | None = None) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -50,11 +46,12 @@ def build(model_name: str, kind: str, batch: int | None = None) -> tuple[nn.Modu
     else:
         net, x = resnet50(num_classes=10), torch.randn(batch or 4, 3, 64, 64)
     if kind != "dense":
+        algorithm = get_algorithm(kind)(sparsity=SPARSITY, attention_clipping=True)  # as BlockPruning makes it
         for candidate in candidate_layers(net, BLOCK):
             layout = candidate.layout
             if layout.num_blocks < MIN_BLOCKS:
                 continue
-            module, layer_reparam = candidate.module, REPARAMS[kind](layout)
+            module, layer_reparam = candidate.module, algorithm.make_reparam(layout)
             layer_reparam.block_mask.copy_(torch.rand(layout.grid_shape) > SPARSITY)  # a sparse-phase mask
             parametrize.register_parametrization(module, "weight", layer_reparam)
     return net, x, torch.randint(10, (x.shape[0],))
@@ -76,7 +73,7 @@ def stepper(model_name: str, kind: str, steps: int, compiled: bool, batch: int |
 
 
 def measure(model_name: str, rounds: int, steps: int, compiled: bool, batch: int | None = None) -> dict[str, Any]:
-    kinds = ["dense", *REPARAMS]
+    kinds = ["dense", *KINDS]
     start = time.perf_counter()
     runs = {kind: stepper(model_name, kind, steps, compiled, batch) for kind in kinds}
     times = interleaved_times(runs, rounds, warmup=2)  # warm-up compiles

@@ -107,9 +107,9 @@ def make_callback(algorithm: str, phase: str | None, block: int, min_blocks: int
 
 
 def time_config(
-    model_name: str, algorithm: str, phase: str | None, steps: int, seed: int, compile: bool = False
+    model_name: str, algorithm: str, phase: str | None, steps: int, seed: int, compiled: bool = False
 ) -> list[float]:
-    """Step times (s) of the second epoch of a ``2 x steps`` fit (of ``torch.compile(module)`` if ``compile``;
+    """Step times (s) of the second epoch of a ``2 x steps`` fit (of ``torch.compile(module)`` if ``compiled``;
     compilation happens in the first, untimed epoch)."""
     import pytorch_lightning as pl
 
@@ -120,7 +120,7 @@ def time_config(
     pruning = make_callback(algorithm, phase, block, min_blocks)
     callbacks = [start] + ([pruning] if pruning else []) + [end]
     kwargs = trainer_kwargs() | {"limit_train_batches": steps, "max_epochs": 2}
-    pl.Trainer(callbacks=callbacks, **kwargs).fit(torch.compile(module) if compile else module, loader)
+    pl.Trainer(callbacks=callbacks, **kwargs).fit(torch.compile(module) if compiled else module, loader)
     return clock.times
 
 
@@ -166,7 +166,7 @@ def state_bytes(model_name: str, algorithm: str, phase: str | None) -> dict[str,
     )
 
 
-def peak_rss_mib(model_name: str, label: str, steps: int, compile: bool = False) -> float:
+def peak_rss_mib(model_name: str, label: str, steps: int, compiled: bool = False) -> float:
     """Peak resident memory of a fresh process that runs one configuration.
 
     Read from ``VmHWM`` in ``/proc/self/status``: Linux carries ``ru_maxrss`` across ``fork`` + ``execve``, so
@@ -177,7 +177,7 @@ def peak_rss_mib(model_name: str, label: str, steps: int, compile: bool = False)
         f"import sys, torch; sys.path.insert(0, {root!r}); torch.set_num_threads(1);"
         "from bench.common import quiet; quiet(); from bench.training_cost import CONFIGS, time_config;"
         f"cfg = {{c[0]: c for c in CONFIGS}}[{label!r}];"
-        f"time_config({model_name!r}, cfg[1], cfg[2], {steps}, 0, {compile});"
+        f"time_config({model_name!r}, cfg[1], cfg[2], {steps}, 0, {compiled});"
         "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -185,20 +185,20 @@ def peak_rss_mib(model_name: str, label: str, steps: int, compile: bool = False)
 
 
 def run_model(
-    model_name: str, labels: list[str], rounds: int, steps: int, peak: bool, compile: bool = False
+    model_name: str, labels: list[str], rounds: int, steps: int, peak: bool, compiled: bool = False
 ) -> dict[str, Any]:
     configs = [c for c in CONFIGS if c[0] in labels]
     per_round: dict[str, list[float]] = {c[0]: [] for c in configs}
     medians: dict[str, list[float]] = {c[0]: [] for c in configs}
     for r in range(rounds):
         for label, algorithm, phase in configs:
-            times = time_config(model_name, algorithm, phase, steps, seed=r, compile=compile)
+            times = time_config(model_name, algorithm, phase, steps, seed=r, compiled=compiled)
             medians[label].append(statistics.median(times))
         for label in per_round:
             per_round[label].append(medians[label][-1] / medians["dense"][-1])
         line = " ".join(f"{k}={v[-1]:.3f}" for k, v in per_round.items())
         print(f"[{model_name} round {r + 1}/{rounds}] ratio to dense: {line}", flush=True)
-    result: dict[str, Any] = {"steps_timed_per_round": steps, "rounds": rounds, "compile": compile, "configs": {}}
+    result: dict[str, Any] = {"steps_timed_per_round": steps, "rounds": rounds, "compile": compiled, "configs": {}}
     for label, algorithm, phase in configs:
         result["configs"][label] = {
             "ms_per_step_median": 1e3 * statistics.median(medians[label]),
@@ -209,7 +209,7 @@ def run_model(
         if algorithm in ("sapp", "acdc", "magnitude", "powerprop") and phase in ("sparse", "dense"):
             result["configs"][label]["memory"] = state_bytes(model_name, algorithm, phase)
         if peak:
-            result["configs"][label]["peak_rss_mib"] = peak_rss_mib(model_name, label, steps, compile)
+            result["configs"][label]["peak_rss_mib"] = peak_rss_mib(model_name, label, steps, compiled)
             print(f"[{model_name}] peak RSS {label}: {result['configs'][label]['peak_rss_mib']:.0f} MiB", flush=True)
     return result
 

@@ -27,15 +27,15 @@ class _NormScaledBlocks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         view, norms, mask, scale = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: differentiable norms and no out= / in-place ops
+        double_backward = torch.is_grad_enabled()  # create_graph=True: differentiable norms, no out= / in-place
+        if double_backward:
             norms = sum_inside_blocks(view.square(), keepdim=True).sqrt()
             scale = norms * mask
-            inner = sum_inside_blocks(grad * view, keepdim=True)
-            coef = torch.where(norms > 0, inner * mask / norms, torch.zeros_like(norms))
-            return grad * scale + view * coef, None
         product = grad * view
         inner = sum_inside_blocks(product, keepdim=True)
         coef = torch.where(norms > 0, inner * mask / norms, torch.zeros_like(norms))
+        if double_backward:
+            return grad * scale + view * coef, None
         return torch.mul(grad, scale, out=product).addcmul_(view, coef), None  # one full-size buffer
 
 
