@@ -120,7 +120,7 @@ def run_pool(
     """Run ``worker(job)`` for every job whose key is not in ``out`` yet; print one line per finished run.
 
     A finished run counts only if it was made with the same settings: a key whose row in ``out`` differs from the
-    job in another field (say ``min_blocks``) raises ``ValueError`` instead of silently standing in for it.
+    job in a field the key leaves out raises ``ValueError`` instead of silently standing in for it.
     """
     done = load_done(out)
     for job in jobs:

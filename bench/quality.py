@@ -8,7 +8,7 @@ so an interrupted or extended sweep continues where it stopped::
     python bench/quality.py --part ablations --epochs 3 --seeds 0 1 2               # no sparsification, c=2/4/8
     python bench/quality.py --part ablations --ablations-on images --models cnn --ablations logit_lr_x10
     python bench/quality.py --quick                                                 # < 2 minutes: a smoke run
-    python bench/quality.py --table runs/quality/ctr.jsonl                          # print the tables
+    python bench/quality.py --table bench/results/ctr.jsonl                         # print the tables
 
 CTR: the paper's Criteo architecture (CriteoPaperNet: 10-dim embeddings, 3 x 400) on MovieLens-100k as CTR,
 only ``net.mlp.0`` pruned, CTRModule (Adam 2e-2 -> 3e-4), the Criteo phase plan, masking, batch 1024.
@@ -40,6 +40,7 @@ METHODS = ("magnitude", "powerprop", "acdc", "sapp")
 MODELS = ("mlp", "cnn", "cnn_nobn")  # cnn_nobn: SmallCNN without BatchNorm
 CTR_INCLUDE = [r"^net\.mlp\.0$"]
 IMAGE_LR = 0.05
+RESULTS = Path(__file__).resolve().parent / "results"  # committed: the raw runs behind docs/results.md
 
 
 # --- one run -----------------------------------------------------------------------------------------
@@ -174,8 +175,9 @@ def job_key(job: dict[str, Any]) -> str:
     opts = ",".join(f"{k}={v}" for k, v in sorted((job.get("options") or {}).items()))
     model = job.get("model", "ctr")
     limit = f"/limit{job['limit_train_batches']}" if job.get("limit_train_batches") else ""
+    min_blocks = f"/mb{job['min_blocks']}" if job.get("min_blocks") else ""  # which layers are pruned
     return (
-        f"{job['part']}/{model}/{job['method']}/s{job['sparsity']}/b{job['block']}/seed{job['seed']}"
+        f"{job['part']}/{model}/{job['method']}/s{job['sparsity']}/b{job['block']}{min_blocks}/seed{job['seed']}"
         f"/e{job['epochs']}{limit}" + (f"/{opts}" if opts else "")
     )
 
@@ -251,11 +253,18 @@ def mean_std(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f} (n={len(values)})"
 
 
-def paper_shaped_table(rows: list[dict[str, Any]], metric: str, digits: int, model: str | None = None) -> str:
-    """Rows: sparsity x method; columns: block sizes; cells: mean ± std over seeds and the achieved sparsity."""
+def paper_shaped_table(
+    rows: list[dict[str, Any]], metric: str, digits: int, model: str | None = None, min_blocks: int | None = None
+) -> str:
+    """Rows: sparsity x method; columns: block sizes; cells: mean ± std over seeds and the achieved sparsity.
+
+    ``min_blocks`` keeps the pruned runs made with that rule (the dense runs, which have none, are always kept).
+    """
     from sapp_lightning.paper import paper_value
 
     rows = [r for r in rows if not r.get("options") and (model is None or r.get("model", "ctr") == model)]
+    if min_blocks is not None:
+        rows = [r for r in rows if r["method"] == "dense" or r.get("min_blocks") == min_blocks]
     blocks = sorted({r["block"] for r in rows if r["method"] != "dense"})
     cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -311,13 +320,13 @@ def print_tables(paths: list[Path]) -> None:
             print("\nSA++ ablations, validation BCE\n" + ablation_table(ctr, "val_loss", 4))
     for model in MODELS:
         img = [r for r in rows if r["part"] == "images" and r.get("model") == model]
-        if img:
-            print(f"\nFashion-MNIST {model}, validation top-1 %\n" + paper_shaped_table(img, "val_acc", 2, model))
-            print(f"\nFashion-MNIST {model}, test top-1 %\n" + paper_shaped_table(img, "test_acc", 2, model))
-            if any(r.get("options") for r in img):
-                print(
-                    f"\nSA++ ablations, Fashion-MNIST {model}, validation top-1 %\n" + ablation_table(img, "val_acc", 2)
-                )
+        for min_blocks in sorted({r["min_blocks"] for r in img if r["method"] != "dense"}):
+            name = f"Fashion-MNIST {model}, min_blocks={min_blocks}"
+            for metric, split in (("val_acc", "validation"), ("test_acc", "test")):
+                print(f"\n{name}, {split} top-1 %\n" + paper_shaped_table(img, metric, 2, model, min_blocks))
+            pruned = [r for r in img if r["method"] != "dense" and r["min_blocks"] == min_blocks]
+            if any(r.get("options") for r in pruned):
+                print(f"\nSA++ ablations, {name}, validation top-1 %\n" + ablation_table(pruned, "val_acc", 2))
 
 
 # --- command line ------------------------------------------------------------------------------------
@@ -335,7 +344,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ablations", nargs="+", default=["no_sparsify", "c2", "c8"], choices=list(ABLATIONS))
     p.add_argument("--ablations-on", choices=["ctr", "images"], default="ctr", help="images: on each of --models")
     p.add_argument("--processes", type=int, default=2, help="runs in parallel, one thread each")
-    p.add_argument("--out", type=Path, help="JSON lines file (default runs/quality/<part>.jsonl)")
+    p.add_argument("--out", type=Path, help="JSON lines file (default bench/results/<part>.jsonl)")
     p.add_argument("--table", type=Path, nargs="*", help="only print the tables of these files")
     return p.parse_args(argv)
 
@@ -360,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path("runs/quality/quick.jsonl")
         jobs = quick_jobs()
     else:
-        out = args.out or Path(f"runs/quality/{args.part}.jsonl")
+        out = args.out or RESULTS / f"{args.part}.jsonl"
         jobs = {"ctr": ctr_jobs, "images": image_jobs, "ablations": ablation_jobs}[args.part](args)
     _warm_data(jobs)
     run_pool(jobs, run_job, out, args.processes)

@@ -99,6 +99,26 @@ def test_store_refuses_a_finished_run_made_with_other_settings(tmp_path):
         run_pool([dict(job, min_blocks=17)], lambda j: j, path, 1)
 
 
+def test_image_runs_with_another_min_blocks_are_other_runs_with_tables_of_their_own(tmp_path, capsys):
+    path = tmp_path / "images.jsonl"
+    for min_blocks, acc in ((16, 80.0), (17, 86.0)):
+        argv = "--part images --models cnn --seeds 0 --blocks 16 --sparsities 0.95 --methods sapp --min-blocks"
+        args = quality.parse_args([*argv.split(), str(min_blocks)])
+        for job in quality.image_jobs(args):
+            append_row(path, dict(job, val_acc=90.0 if job["method"] == "dense" else acc, test_acc=0.0,
+                                  achieved_sparsity=0.95))  # fmt: skip
+    keys = set(load_done(path))
+    assert keys == {"images/cnn/dense/s0.0/b0/seed0/e3", "images/cnn/sapp/s0.95/b16/mb16/seed0/e3",
+                    "images/cnn/sapp/s0.95/b16/mb17/seed0/e3"}  # fmt: skip
+    quality.print_tables([path])
+    text = capsys.readouterr().out
+    mb16 = text[text.index("min_blocks=16, validation") : text.index("min_blocks=16, test")]
+    mb17 = text[text.index("min_blocks=17, validation") : text.index("min_blocks=17, test")]
+    assert "| 0 | dense | 90.00 ± 0.00 (n=1) |" in mb16 and "| 0 | dense | 90.00 ± 0.00 (n=1) |" in mb17
+    assert "| 95% | sapp | 80.00 ± 0.00 (n=1) (95.0%) |" in mb16 and "86.00" not in mb16
+    assert "| 95% | sapp | 86.00 ± 0.00 (n=1) (95.0%) |" in mb17 and "80.00" not in mb17
+
+
 def test_jobs_and_paper_shaped_table():
     args = quality.parse_args(["--part", "ctr", "--seeds", "0", "1", "--blocks", "10", "--sparsities", "0.9"])
     jobs = quality.ctr_jobs(args)
@@ -113,7 +133,7 @@ def test_image_ablations_pass_the_module_option_to_the_module_not_the_callback()
     argv = "--part ablations --ablations-on images --models cnn --ablations logit_lr_x10 --seeds 0 --sparsities 0.95"
     args = quality.parse_args([*argv.split(), "--min-blocks", "16"])
     (job,) = quality.ablation_jobs(args)
-    assert job["key"] == "images/cnn/sapp/s0.95/b16/seed0/e3/logit_lr_scale=10.0" and job["min_blocks"] == 16
+    assert job["key"] == "images/cnn/sapp/s0.95/b16/mb16/seed0/e3/logit_lr_scale=10.0" and job["min_blocks"] == 16
     assert quality.make_pruning(job).algorithm.name == "sapp"  # BlockPruning would reject logit_lr_scale
     with pytest.raises(ValueError, match="run these ablations on images"):
         quality.build_module(dict(job, part="ctr"))
