@@ -227,6 +227,15 @@ ABLATIONS = {
 MODULE_OPTIONS = ("logit_lr_scale",)  # options of the LightningModule, not of BlockPruning
 
 
+def ablation_options(name: str, part: str) -> dict[str, Any]:
+    """The options of ablation ``name`` on ``part``: without sparsification, SA++ follows the ACDC plan of the
+    part's own setup (``imagenet_acdc`` for images)."""
+    options = dict(ABLATIONS[name])
+    if part == "images" and options.get("plan") == "criteo_acdc":
+        options["plan"] = "imagenet_acdc"
+    return options
+
+
 def ablation_jobs(args) -> list[dict[str, Any]]:
     """SA++ variants on CTR, or with ``--ablations-on images`` on each of ``--models``."""
     images = args.ablations_on == "images"
@@ -238,7 +247,7 @@ def ablation_jobs(args) -> list[dict[str, Any]]:
             for block in args.blocks or [16 if images else 10]:
                 for seed in args.seeds:
                     for sparsity in args.sparsities or ([0.9, 0.95] if images else [0.9, 0.98]):
-                        options = dict(ABLATIONS[name])
+                        options = ablation_options(name, part)
                         jobs.append(
                             make_job(part, "sapp", sparsity, block, seed, args.epochs, options=options, **fields)
                         )
@@ -253,18 +262,11 @@ def mean_std(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f} (n={len(values)})"
 
 
-def paper_shaped_table(
-    rows: list[dict[str, Any]], metric: str, digits: int, model: str | None = None, min_blocks: int | None = None
-) -> str:
-    """Rows: sparsity x method; columns: block sizes; cells: mean ± std over seeds and the achieved sparsity.
-
-    ``min_blocks`` keeps the pruned runs made with that rule (the dense runs, which have none, are always kept).
-    """
+def paper_shaped_table(rows: list[dict[str, Any]], metric: str, digits: int, model: str | None = None) -> str:
+    """Rows: sparsity x method; columns: block sizes; cells: mean ± std over seeds and the achieved sparsity."""
     from sapp_lightning.paper import paper_value
 
     rows = [r for r in rows if not r.get("options") and (model is None or r.get("model", "ctr") == model)]
-    if min_blocks is not None:
-        rows = [r for r in rows if r["method"] == "dense" or r.get("min_blocks") == min_blocks]
     blocks = sorted({r["block"] for r in rows if r["method"] != "dense"})
     cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -297,7 +299,7 @@ def ablation_table(rows: list[dict[str, Any]], metric: str, digits: int) -> str:
         name = (
             r["method"]
             if not r.get("options")
-            else next((n for n, o in ABLATIONS.items() if o == r["options"]), str(r["options"]))
+            else next((n for n in ABLATIONS if ablation_options(n, r["part"]) == r["options"]), str(r["options"]))
         )
         variants[(r["sparsity"], r["block"], name)].append(r[metric])
     names = ["sapp", *ABLATIONS, "acdc"]
@@ -320,13 +322,26 @@ def print_tables(paths: list[Path]) -> None:
             print("\nSA++ ablations, validation BCE\n" + ablation_table(ctr, "val_loss", 4))
     for model in MODELS:
         img = [r for r in rows if r["part"] == "images" and r.get("model") == model]
-        for min_blocks in sorted({r["min_blocks"] for r in img if r["method"] != "dense"}):
-            name = f"Fashion-MNIST {model}, min_blocks={min_blocks}"
+        dense = [r for r in img if r["method"] == "dense"]
+        for layers, pruned in sorted(group_by_pruned_layers(img).items()):
+            rules = ", ".join(
+                f"B={b}: min_blocks={m}" for b, m in sorted({(r["block"], r["min_blocks"]) for r in pruned})
+            )
+            name = f"Fashion-MNIST {model}, pruned {', '.join(layers)} ({rules})"
             for metric, split in (("val_acc", "validation"), ("test_acc", "test")):
-                print(f"\n{name}, {split} top-1 %\n" + paper_shaped_table(img, metric, 2, model, min_blocks))
-            pruned = [r for r in img if r["method"] != "dense" and r["min_blocks"] == min_blocks]
+                print(f"\n{name}, {split} top-1 %\n" + paper_shaped_table(dense + pruned, metric, 2, model))
             if any(r.get("options") for r in pruned):
                 print(f"\nSA++ ablations, {name}, validation top-1 %\n" + ablation_table(pruned, "val_acc", 2))
+
+
+def group_by_pruned_layers(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+    """The pruned runs by the layers they pruned, so that a table compares only runs that pruned the same layers
+    (``min_blocks`` selects different layers at different block sizes)."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["method"] != "dense":
+            groups[tuple(sorted(r.get("pruned_layers") or ()))].append(r)
+    return groups
 
 
 # --- command line ------------------------------------------------------------------------------------

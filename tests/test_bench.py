@@ -99,24 +99,41 @@ def test_store_refuses_a_finished_run_made_with_other_settings(tmp_path):
         run_pool([dict(job, min_blocks=17)], lambda j: j, path, 1)
 
 
-def test_image_runs_with_another_min_blocks_are_other_runs_with_tables_of_their_own(tmp_path, capsys):
+def test_image_tables_compare_only_runs_that_pruned_the_same_layers(tmp_path, capsys):
     path = tmp_path / "images.jsonl"
-    for min_blocks, acc in ((16, 80.0), (17, 86.0)):
-        argv = "--part images --models cnn --seeds 0 --blocks 16 --sparsities 0.95 --methods sapp --min-blocks"
-        args = quality.parse_args([*argv.split(), str(min_blocks)])
-        for job in quality.image_jobs(args):
-            append_row(path, dict(job, val_acc=90.0 if job["method"] == "dense" else acc, test_acc=0.0,
-                                  achieved_sparsity=0.95))  # fmt: skip
-    keys = set(load_done(path))
-    assert keys == {"images/cnn/dense/s0.0/b0/seed0/e3", "images/cnn/sapp/s0.95/b16/mb16/seed0/e3",
-                    "images/cnn/sapp/s0.95/b16/mb17/seed0/e3"}  # fmt: skip
+    with_classifier = {"net.features.4": [68, 72], "net.classifier.1": [2979, 3136], "net.classifier.3": [15, 16]}
+    runs = {  # (block, min_blocks): (accuracy, pruned layers)
+        (16, 16): (80.0, with_classifier),
+        (16, 17): (86.0, {"net.features.4": [68, 72], "net.classifier.1": [2979, 3136]}),
+        (32, 16): (87.0, {"net.features.4": [17, 18], "net.classifier.1": [745, 784]}),
+    }
+    for (block, min_blocks), (acc, layers) in runs.items():
+        argv = f"--part images --models cnn --seeds 0 --sparsities 0.95 --methods sapp --blocks {block} --min-blocks"
+        for job in quality.image_jobs(quality.parse_args([*argv.split(), str(min_blocks)])):
+            row = dict(val_acc=90.0, test_acc=0.0) if job["method"] == "dense" else dict(val_acc=acc, test_acc=0.0)
+            append_row(path, dict(job, **row, achieved_sparsity=0.95, pruned_layers=layers))
+    assert set(load_done(path)) == {
+        "images/cnn/dense/s0.0/b0/seed0/e3", "images/cnn/sapp/s0.95/b16/mb16/seed0/e3",
+        "images/cnn/sapp/s0.95/b16/mb17/seed0/e3", "images/cnn/sapp/s0.95/b32/mb16/seed0/e3",
+    }  # fmt: skip
     quality.print_tables([path])
     text = capsys.readouterr().out
-    mb16 = text[text.index("min_blocks=16, validation") : text.index("min_blocks=16, test")]
-    mb17 = text[text.index("min_blocks=17, validation") : text.index("min_blocks=17, test")]
-    assert "| 0 | dense | 90.00 ± 0.00 (n=1) |" in mb16 and "| 0 | dense | 90.00 ± 0.00 (n=1) |" in mb17
-    assert "| 95% | sapp | 80.00 ± 0.00 (n=1) (95.0%) |" in mb16 and "86.00" not in mb16
-    assert "| 95% | sapp | 86.00 ± 0.00 (n=1) (95.0%) |" in mb17 and "80.00" not in mb17
+    title = "Fashion-MNIST cnn, pruned net.classifier.1, net.features.4 (B=16: min_blocks=17, B=32: min_blocks=16)"
+    same = text[text.index(title + ", validation") : text.index(title + ", test")]
+    assert "| 0 | dense | 90.00 ± 0.00 (n=1) |" in same
+    assert "| 95% | sapp | 86.00 ± 0.00 (n=1) (95.0%) | 64.27 | 87.00 ± 0.00 (n=1) (95.0%) | 65.41 |" in same
+    title = "Fashion-MNIST cnn, pruned net.classifier.1, net.classifier.3, net.features.4 (B=16: min_blocks=16)"
+    other = text[text.index(title + ", validation") : text.index(title + ", test")]
+    assert "| 95% | sapp | 80.00 ± 0.00 (n=1) (95.0%) | 64.27 |" in other and "86.00" not in other
+
+
+def test_images_ablation_without_sparsification_follows_the_imagenet_acdc_plan():
+    argv = "--part ablations --ablations-on images --models cnn --ablations no_sparsify --seeds 0 --sparsities 0.9"
+    (job,) = quality.ablation_jobs(quality.parse_args(argv.split()))
+    assert job["options"] == {"plan": "imagenet_acdc"}
+    assert quality.make_pruning(job).plan == quality.make_pruning(dict(job, method="acdc", options={})).plan
+    rows = [dict(job, val_acc=80.0), dict(job, method="sapp", options={}, key="x", val_acc=82.0)]
+    assert "| sparsity | block | sapp | no_sparsify |" in quality.ablation_table(rows, "val_acc", 2)
 
 
 def test_jobs_and_paper_shaped_table():
