@@ -63,7 +63,7 @@ def make_pruning(job: dict[str, Any]):
     if job["part"] == "ctr":
         return BlockPruning(
             job["method"], job["sparsity"], job["block"], min_blocks=0, include=CTR_INCLUDE,
-            plan=options.pop("plan", "criteo"), prune_mode="mask", **options,
+            plan=options.pop("plan", "criteo"), prune_mode=options.pop("prune_mode", "mask"), **options,
         )  # fmt: skip
     return BlockPruning(
         job["method"], job["sparsity"], job["block"], min_blocks=job["min_blocks"],
@@ -221,6 +221,7 @@ ABLATIONS = {
     "no_clip": {"attention_clipping": False},
     "no_reset": {"reset_optimizer": False},
     "logit_l2_1e-4": {"logit_l2": 1e-4},
+    "zero_mode": {"prune_mode": "zero"},  # pruned blocks are zeroed and regrow from 0, as ACDC's
     "logit_lr_x10": {"logit_lr_scale": 10.0},  # images only: ImageClassifier's logits at 10x the LR
     "logit_lr_x100": {"logit_lr_scale": 100.0},
 }

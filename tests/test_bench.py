@@ -136,6 +136,14 @@ def test_images_ablation_without_sparsification_follows_the_imagenet_acdc_plan()
     assert "| sparsity | block | sapp | no_sparsify |" in quality.ablation_table(rows, "val_acc", 2)
 
 
+@pytest.mark.parametrize("part", ["ctr", "images"])
+def test_zero_mode_ablation_zeroes_pruned_blocks_on_either_part(part):
+    argv = f"--part ablations --ablations-on {part} --models cnn --ablations zero_mode --seeds 0 --sparsities 0.9"
+    (job,) = quality.ablation_jobs(quality.parse_args(argv.split()))
+    assert quality.make_pruning(job).algorithm.prune_mode == "zero"
+    assert quality.make_pruning(dict(job, options={})).algorithm.prune_mode == "mask"
+
+
 def test_jobs_and_paper_shaped_table():
     args = quality.parse_args(["--part", "ctr", "--seeds", "0", "1", "--blocks", "10", "--sparsities", "0.9"])
     jobs = quality.ctr_jobs(args)
