@@ -193,7 +193,7 @@ class BlockLayout:
         grid = self.grid_to_view(per_block)
         if per_block.requires_grad and torch.is_grad_enabled():
             return _ScaleBlocks.apply(view, grid).view(self.weight_shape)
-        return (view * grid).view(self.weight_shape)
+        return (view * spread_over_taps(grid, view)).view(self.weight_shape)
 
     def scale_(self, weight: Tensor, per_block: Tensor) -> Tensor:
         """In-place :meth:`scale`: ``weight *= expand(per_block)``."""
@@ -201,7 +201,7 @@ class BlockLayout:
         view = self.block_view(weight)
         if view is None:
             return weight.mul_(self.expand(per_block))
-        view.mul_(self.grid_to_view(per_block))
+        view.mul_(spread_over_taps(self.grid_to_view(per_block), view))
         return weight
 
     def block_sq_norms(self, weight: Tensor) -> Tensor:
@@ -232,6 +232,21 @@ def sum_inside_blocks(view: Tensor, keepdim: bool = False) -> Tensor:
     return view.sum(1, keepdim=True).sum(3, keepdim=True) if keepdim else view.sum(1).sum(2)
 
 
+def spread_over_taps(grid: Tensor, view: Tensor) -> Tensor:
+    """``grid`` (from :meth:`BlockLayout.grid_to_view`) repeated over a conv view's in-block axis 3.
+
+    A conv weight is stored ``(cout, cin, kh, kw)``, so its block factor changes every ``kh * kw`` elements
+    and a broadcast multiply runs in 9-element pieces: 5-7x slower than a plain multiply for 3x3 kernels.
+    Materializing the grid over the ``r`` input channels of a block (``1 / c`` of the weight's size) leaves
+    one broadcast axis with ``r * kh * kw`` contiguous elements. Linear and 1x1 grids are returned as they are.
+    """
+    if view.dim() != 6 or view.shape[4] * view.shape[5] == 1:
+        return grid
+    shape = list(grid.shape)
+    shape[3] = view.shape[3]
+    return grid.expand(shape).contiguous()
+
+
 class _ScaleBlocks(torch.autograd.Function):
     """``view * grid`` for a blocked view and a per-block grid that broadcasts over it.
 
@@ -242,20 +257,21 @@ class _ScaleBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, view: Tensor, grid: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(view, grid)
-        return view * grid
+        return view * spread_over_taps(grid, view)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
         view, grid = ctx.saved_tensors
+        factor = spread_over_taps(grid, view)  # recomputed (1 / c of the weight): differentiable for gradgrad
         if not ctx.needs_input_grad[1]:
-            return grad * grid, None
+            return grad * factor, None
         product = grad * view
         grad_grid = sum_inside_blocks(product, keepdim=True)
         if not ctx.needs_input_grad[0]:
             return None, grad_grid
         if torch.is_grad_enabled():  # create_graph=True: no out= (it is not differentiable)
-            return grad * grid, grad_grid
-        return torch.mul(grad, grid, out=product), grad_grid  # one full-size buffer for both
+            return grad * factor, grad_grid
+        return torch.mul(grad, factor, out=product), grad_grid  # one full-size buffer for both
 
 
 def keep_count(num_blocks: int, sparsity: float) -> int:

@@ -56,6 +56,7 @@ def test_grid_and_norms_match_the_papers_kernel_layout(module, block, grid):
         (nn.Conv2d(8, 6, 3), (4, 3)),
         (nn.Conv2d(5, 6, 3), (4, 4)),
         (nn.Conv2d(8, 6, 3), (3, 3)),  # r does not divide cin: generic path
+        (nn.Conv2d(8, 6, 1), (4, 3)),  # 1x1: no spreading over taps
         (nn.Embedding(12, 6), (4, 3)),
     ],
 )
@@ -65,6 +66,9 @@ def test_scale_zeroes_exactly_the_masked_blocks(module, block):
     mask = torch.rand(layout.grid_shape) > 0.5
     scaled = layout.scale(module.weight.detach(), mask)
     assert torch.equal(scaled, module.weight.detach() * layout.expand(mask.float()))
+    in_place = module.weight.detach().clone()
+    assert layout.scale_(in_place, mask) is in_place
+    assert torch.equal(in_place, scaled)
     kernel = layout.to_kernel(scaled)
     for i, j in (mask == 0).nonzero().tolist():
         assert (kernel[i * r : (i + 1) * r, j * c : (j + 1) * c] == 0).all()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..blocks import BlockLayout, sum_inside_blocks
+from ..blocks import BlockLayout, spread_over_taps, sum_inside_blocks
 from .base import BlockReparam, PrunedLayer, PruningAlgorithm, register
 
 
@@ -22,7 +22,7 @@ class _NormScaledBlocks(torch.autograd.Function):
         norms = sum_inside_blocks(squares, keepdim=True).sqrt_()
         scale = norms * mask
         ctx.save_for_backward(view, norms, mask, scale)
-        return torch.mul(view, scale, out=squares)  # reuse the full-size buffer
+        return torch.mul(view, spread_over_taps(scale, view), out=squares)  # reuse the full-size buffer
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
@@ -34,6 +34,7 @@ class _NormScaledBlocks(torch.autograd.Function):
         product = grad * view
         inner = sum_inside_blocks(product, keepdim=True)
         coef = torch.where(norms > 0, inner * mask / norms, torch.zeros_like(norms))
+        scale, coef = spread_over_taps(scale, view), spread_over_taps(coef, view)
         if double_backward:
             return grad * scale + view * coef, None
         return torch.mul(grad, scale, out=product).addcmul_(view, coef), None  # one full-size buffer
