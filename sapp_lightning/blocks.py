@@ -239,6 +239,13 @@ def spread_over_taps(grid: Tensor, view: Tensor) -> Tensor:
     and a broadcast multiply runs in 9-element pieces: 5-7x slower than a plain multiply for 3x3 kernels.
     Materializing the grid over the ``r`` input channels of a block (``1 / c`` of the weight's size) leaves
     one broadcast axis with ``r * kh * kw`` contiguous elements. Linear and 1x1 grids are returned as they are.
+
+    Example:
+        >>> layout = BlockLayout.for_weight(torch.zeros(32, 64, 3, 3), block_size=16)
+        >>> view = layout.block_view(torch.zeros(32, 64, 3, 3))
+        >>> grid = layout.grid_to_view(torch.ones(layout.grid_shape))
+        >>> tuple(grid.shape), tuple(spread_over_taps(grid, view).shape)
+        ((2, 1, 4, 1, 3, 3), (2, 1, 4, 16, 3, 3))
     """
     if view.dim() != 6 or view.shape[4] * view.shape[5] == 1:
         return grid
