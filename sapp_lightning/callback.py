@@ -58,7 +58,8 @@ class BlockPruning(Callback):
         schedule_exponent: ``c`` of the exponential sparsification schedule.
         prune_mode: ``"zero"`` zeroes pruned weights (they regrow from 0), ``"mask"`` keeps
             their values under a zero mask. Default: the algorithm's (``mask`` for sapp and
-            powerprop, ``zero`` for acdc and magnitude).
+            powerprop, ``zero`` for acdc and magnitude). With ``zero``, a unit that loses all its
+            incoming blocks may stop receiving gradient (ReLU, bias <= 0) and never regrow them.
         reset_optimizer: clear the optimizer state (momentum, Adam moments) at every phase
             boundary, as the paper does.
         attention_clipping: clip SA++'s attention to ``[1 - sparsity, 1 / (1 - sparsity)]``.
@@ -97,8 +98,9 @@ class BlockPruning(Callback):
       train/eval and grad-mode switches, and ``self.log`` inside a compiled step, recompile as usual.
     * Odd states: a second ``fit`` with the same callback, a model with no eligible layer, a weight
       shared by two modules, and a layer already pruned by another callback raise at set-up, before
-      the model is touched; a sparsity that rounds to 0 pruned blocks in a layer warns, naming it;
-      ``validate``, ``test`` and ``predict`` leave the model alone.
+      the model is touched; a sparsity that rounds to 0 pruned blocks in a layer warns, naming it, and
+      so do kept blocks that end training all zero (dead units, see ``prune_mode``); ``validate``,
+      ``test`` and ``predict`` leave the model alone.
 
     Example:
         >>> import pytorch_lightning as pl, torch
@@ -626,12 +628,39 @@ class BlockPruning(Callback):
             for layer in self.layers
             if layer.num_kept > (target := keep_count(layer.layout.num_blocks, self.sparsity))
         ]
+        dead = self._kept_zero_blocks()
         self.commit()
         if short:
             rank_zero_warn(
                 f"BlockPruning: training ended at {self.achieved_sparsity():.2%} block sparsity, below the target "
                 f"{self.sparsity:.2%}: {'; '.join(short[:10])} (stopped before the plan's final sparse phase?)"
             )
+        if dead:
+            hint = (
+                " In prune_mode='zero' a unit whose incoming blocks were all pruned can stop receiving gradient "
+                "(with ReLU and a bias <= 0 it outputs 0), so its blocks never regrow; prune_mode='mask' keeps "
+                "their values."
+                if self.algorithm.zeroes_pruned_weights
+                else ""
+            )
+            rank_zero_warn(
+                f"BlockPruning: {sum(n for n, _ in dead.values())} kept blocks are all zero after training, so the model is "
+                "sparser than asked and those blocks are wasted: "
+                + "; ".join(f"{name}: {n} of {kept}" for name, (n, kept) in list(dead.items())[:10])
+                + "."
+                + hint
+            )
+
+    @torch.no_grad()
+    def _kept_zero_blocks(self) -> dict[str, tuple[int, int]]:
+        """``{layer: (kept blocks whose effective weights are all zero, kept blocks)}`` for layers with any."""
+        found = {}
+        for layer in self.layers:
+            zero = layer.layout.block_sq_norms(layer.effective_weight()) == 0
+            count = int((zero & layer.mask.to(zero.device)).sum())
+            if count:
+                found[layer.name] = (count, layer.num_kept)
+        return found
 
     def commit(self) -> None:
         """Fold masks (and SA++'s attention, PowerPropagation's scaling) into plain weights.

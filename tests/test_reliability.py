@@ -611,6 +611,40 @@ def test_a_sparsity_that_rounds_to_zero_pruned_blocks_warns_naming_the_layer(tmp
     assert (report["big"].zero_blocks, report["small"].zero_blocks) == (2, 0)
 
 
+class DeadUnitNet(pl.LightningModule):
+    """``hidden`` starts all zero with bias -1: ReLU outputs 0, so its weights never get a gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(16, 16)  # 4x4 blocks of 4x4
+        self.head = nn.Linear(16, 4)
+        with torch.no_grad():
+            self.hidden.weight.zero_()
+            self.hidden.bias.fill_(-1.0)
+
+    def forward(self, x):
+        return self.head(F.relu(self.hidden(x.flatten(1)[:, :16])))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("algorithm, prune_mode", [("magnitude", "zero"), ("sapp", "mask")])
+def test_kept_blocks_that_end_all_zero_warn_naming_the_layer(tmp_path, algorithm, prune_mode):
+    callback = BlockPruning(algorithm, sparsity=0.5, block_size=BLOCK, min_blocks=16, plan=PLAN, prune_mode=prune_mode)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [callback], max_epochs=2).fit(DeadUnitNet(), tiny_loader())
+    dead = [str(w.message) for w in caught if "kept blocks are all zero" in str(w.message)]
+    assert len(dead) == 1 and "8 kept blocks" in dead[0] and "hidden: 8 of 8" in dead[0]
+    assert ("prune_mode='zero' a unit" in dead[0]) == (prune_mode == "zero")
+    assert callback.report()["hidden"].zero_blocks == 16  # the report counts them as pruned
+
+
 def test_sparsity_zero_is_a_quiet_dense_run(tmp_path):
     callback = pruning("sapp", sparsity=0.0)
     with warnings.catch_warnings(record=True) as caught:
