@@ -644,8 +644,8 @@ class BlockPruning(Callback):
                 else ""
             )
             rank_zero_warn(
-                f"BlockPruning: {sum(n for n, _ in dead.values())} kept blocks are all zero after training, so the model is "
-                "sparser than asked and those blocks are wasted: "
+                f"BlockPruning: {sum(n for n, _ in dead.values())} kept blocks are all zero after training, so the "
+                "model is sparser than asked and those blocks are wasted: "
                 + "; ".join(f"{name}: {n} of {kept}" for name, (n, kept) in list(dead.items())[:10])
                 + "."
                 + hint
