@@ -263,8 +263,11 @@ def mean_std(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f} (n={len(values)})"
 
 
-def paper_shaped_table(rows: list[dict[str, Any]], metric: str, digits: int, model: str | None = None) -> str:
-    """Rows: sparsity x method; columns: block sizes; cells: mean ± std over seeds and the achieved sparsity."""
+def paper_shaped_table(
+    rows: list[dict[str, Any]], metric: str, digits: int, model: str | None = None, with_paper: bool = True
+) -> str:
+    """Rows: sparsity x method; columns: block sizes; cells: mean ± std over seeds and the achieved sparsity.
+    The paper's value of the cell beside each (``-`` where it has none, or with ``with_paper=False``)."""
     from sapp_lightning.paper import paper_value
 
     rows = [r for r in rows if not r.get("options") and (model is None or r.get("model", "ctr") == model)]
@@ -284,7 +287,7 @@ def paper_shaped_table(rows: list[dict[str, Any]], metric: str, digits: int, mod
                 runs = cells.get((sparsity, method, b), [])
                 achieved = [r["achieved_sparsity"] for r in runs]
                 ach = f" ({statistics.mean(achieved):.1%})" if achieved else ""
-                paper = paper_value(table, method, b, sparsity)
+                paper = paper_value(table, method, b, sparsity) if with_paper else None
                 parts += [mean_std([r[metric] for r in runs], digits) + ach, "-" if paper is None else f"{paper}"]
             if any(p != "-" for p in parts[::2]):
                 lines.append(f"| {sparsity:.0%} | {method} | " + " | ".join(parts) + " |")
@@ -319,8 +322,11 @@ def print_tables(paths: list[Path]) -> None:
     if ctr:
         print("\nCTR (MovieLens-100k), validation BCE, lower is better\n" + paper_shaped_table(ctr, "val_loss", 4))
         print("\nCTR test BCE\n" + paper_shaped_table(ctr, "test_loss", 4))
+        # the paper reports no AUROC; BCE punishes overconfident (overfit) predictions, AUROC only the ranking
+        print("\nCTR validation AUROC, higher is better\n" + paper_shaped_table(ctr, "val_auroc", 4, with_paper=False))
         if any(r.get("options") for r in ctr):
             print("\nSA++ ablations, validation BCE\n" + ablation_table(ctr, "val_loss", 4))
+            print("\nSA++ ablations, validation AUROC\n" + ablation_table(ctr, "val_auroc", 4))
     for model in MODELS:
         img = [r for r in rows if r["part"] == "images" and r.get("model") == model]
         dense = [r for r in img if r["method"] == "dense"]

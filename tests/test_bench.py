@@ -152,6 +152,9 @@ def test_jobs_and_paper_shaped_table():
     table = quality.paper_shaped_table(rows, "val_loss", 4)
     assert "| 90% | sapp | 0.5050 ± 0.0071 (n=2) (90.0%) | 0.4535 |" in table
     assert "| 0 | dense | 0.5050 ± 0.0071 (n=2) |" in table
+    rows = [dict(r, val_auroc=0.7) for r in rows]  # the paper reports no AUROC: no paper value beside it
+    table = quality.paper_shaped_table(rows, "val_auroc", 4, with_paper=False)
+    assert "| 90% | sapp | 0.7000 ± 0.0000 (n=2) (90.0%) | - |" in table
 
 
 def test_image_ablations_pass_the_module_option_to_the_module_not_the_callback():
