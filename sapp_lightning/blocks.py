@@ -236,7 +236,7 @@ def spread_over_taps(grid: Tensor, view: Tensor) -> Tensor:
     """``grid`` (from :meth:`BlockLayout.grid_to_view`) repeated over a conv view's in-block axis 3.
 
     A conv weight is stored ``(cout, cin, kh, kw)``, so its block factor changes every ``kh * kw`` elements
-    and a broadcast multiply runs in 9-element pieces: 5-7x slower than a plain multiply for 3x3 kernels.
+    and a broadcast multiply runs in 9-element pieces: 4-7x slower than a plain multiply for 3x3 kernels.
     Materializing the grid over the ``r`` input channels of a block (``1 / c`` of the weight's size) leaves
     one broadcast axis with ``r * kh * kw`` contiguous elements. Linear and 1x1 grids are returned as they are.
 
