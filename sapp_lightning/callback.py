@@ -628,8 +628,13 @@ class BlockPruning(Callback):
             for layer in self.layers
             if layer.num_kept > (target := keep_count(layer.layout.num_blocks, self.sparsity))
         ]
-        dead = self._kept_zero_blocks()
         self.commit()
+        # committed pruned blocks are exact zeros, so any zero block beyond them is a kept one
+        dead = {
+            layer.name: (zeros, layer.num_kept)
+            for layer, measured in zip(self.layers, self.report().layers)
+            if (zeros := measured.zero_blocks - (layer.layout.num_blocks - layer.num_kept))
+        }
         if short:
             rank_zero_warn(
                 f"BlockPruning: training ended at {self.achieved_sparsity():.2%} block sparsity, below the target "
@@ -650,17 +655,6 @@ class BlockPruning(Callback):
                 + "."
                 + hint
             )
-
-    @torch.no_grad()
-    def _kept_zero_blocks(self) -> dict[str, tuple[int, int]]:
-        """``{layer: (kept blocks whose effective weights are all zero, kept blocks)}`` for layers with any."""
-        found = {}
-        for layer in self.layers:
-            zero = layer.layout.block_sq_norms(layer.effective_weight()) == 0
-            count = int((zero & layer.mask.to(zero.device)).sum())
-            if count:
-                found[layer.name] = (count, layer.num_kept)
-        return found
 
     def commit(self) -> None:
         """Fold masks (and SA++'s attention, PowerPropagation's scaling) into plain weights.
