@@ -34,7 +34,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import fashion_mnist, load_done, movielens, quiet, run_pool, trainer_kwargs  # noqa: E402
-from sapp_lightning.algorithms import BlockAttention  # noqa: E402
 
 METHODS = ("magnitude", "powerprop", "acdc", "sapp")
 MODELS = ("mlp", "cnn", "cnn_nobn")  # cnn_nobn: SmallCNN without BatchNorm
@@ -163,10 +162,9 @@ class AttentionRange(pl.Callback):
         self.pruning, self.out = pruning, out
 
     def on_train_end(self, trainer, pl_module) -> None:
-        for layer in self.pruning.layers:
-            if isinstance(layer.reparam, BlockAttention):
-                with torch.no_grad():
-                    kept = layer.reparam.attention()[layer.mask]
+        for layer in self.pruning.sparsifier.layer_states():
+            if layer.importance_name == "attention":
+                kept = layer.importance[layer.mask]
                 self.out[layer.name] = [round(float(kept.min()), 4), round(float(kept.max()), 4)]
 
 

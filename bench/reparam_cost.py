@@ -25,12 +25,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import interleaved_times, machine  # noqa: E402
-from sapp_lightning.algorithms import get_algorithm  # noqa: E402
-from sapp_lightning.targets import candidate_layers  # noqa: E402
+from sapp_lightning import BlockSparsifier  # noqa: E402
 
 SPARSITY, BLOCK, MIN_BLOCKS = 0.9, 16, 100
 KINDS = ("sapp", "powerprop")  # the algorithms that reparametrize the forward
@@ -46,14 +44,8 @@ def build(model_name: str, kind: str, batch: int | None = None) -> tuple[nn.Modu
     else:
         net, x = resnet50(num_classes=10), torch.randn(batch or 4, 3, 64, 64)
     if kind != "dense":
-        algorithm = get_algorithm(kind)(sparsity=SPARSITY, attention_clipping=True)  # as BlockPruning makes it
-        for candidate in candidate_layers(net, BLOCK):
-            layout = candidate.layout
-            if layout.num_blocks < MIN_BLOCKS:
-                continue
-            module, layer_reparam = candidate.module, algorithm.make_reparam(layout)
-            layer_reparam.block_mask.copy_(torch.rand(layout.grid_shape) > SPARSITY)  # a sparse-phase mask
-            parametrize.register_parametrization(module, "weight", layer_reparam)
+        for layer in BlockSparsifier(kind, SPARSITY, BLOCK, MIN_BLOCKS).prepare(net):  # as BlockPruning does
+            layer.set_mask(torch.rand(layer.layout.grid_shape) > SPARSITY)  # a sparse-phase mask
     return net, x, torch.randint(10, (x.shape[0],))
 
 

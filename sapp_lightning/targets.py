@@ -33,6 +33,7 @@ class Candidate:
     name: str
     module: nn.Module
     layout: BlockLayout
+    param_name: str = "weight"
 
 
 def candidate_layers(
@@ -76,3 +77,39 @@ def shared_weight_owners(model: nn.Module, candidates: Sequence[Candidate]) -> d
         if len(owners) > 1:
             shared[cand.name] = owners
     return shared
+
+
+def select_layers(
+    model: nn.Module,
+    block_size: BlockSize,
+    min_blocks: int,
+    include: Sequence[re.Pattern] = (),
+    exclude: Sequence[re.Pattern] = (),
+) -> tuple[list[Candidate], list[Candidate]]:
+    """The layers to prune and the candidates left dense for having fewer than ``min_blocks`` blocks.
+
+    Raises ``ValueError`` (before anything is changed) when nothing can be pruned or a chosen weight is
+    shared by two modules.
+    """
+    candidates = candidate_layers(model, block_size, include, exclude)
+    chosen = [c for c in candidates if c.layout.num_blocks >= min_blocks]
+    if not chosen:
+        if candidates:
+            found = ", ".join(f"{c.name} ({c.layout.num_blocks} blocks)" for c in candidates[:10])
+            size = tuple(candidates[0].layout.block_size)
+            raise ValueError(
+                f"no layer has at least min_blocks={min_blocks} blocks of size {size}; "
+                f"candidates: {found}. Use a smaller block_size or min_blocks."
+            )
+        raise ValueError(
+            "no layer to prune: the model has no nn.Linear or nn.Conv2d (groups=1) layer"
+            + (" matching include/exclude" if include or exclude else "")
+        )
+    shared = shared_weight_owners(model, chosen)
+    if shared:
+        name, owners = next(iter(shared.items()))
+        raise ValueError(
+            f"the weight of layer {name!r} is shared by {', '.join(owners)}; BlockPruning cannot prune a "
+            "shared weight consistently. Exclude the layer (exclude=[...]) or untie the weights."
+        )
+    return chosen, [c for c in candidates if c.layout.num_blocks < min_blocks]

@@ -76,7 +76,6 @@ def build_loggers(cfg: DictConfig) -> list[pl.loggers.Logger]:
 
 
 def build_callbacks(cfg: DictConfig, pruning: BlockPruning | None, has_logger: bool) -> list[pl.Callback]:
-    # BlockPruning goes last so that callbacks before it (MaskHeatmaps) see each phase's final masks.
     callbacks = [instantiate(c) for c in (cfg or {}).values()]
     if not has_logger:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]

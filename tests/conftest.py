@@ -1,4 +1,5 @@
-"""Tiny models and a quiet Trainer factory shared by the tests."""
+"""What the tests share: tiny models and data, a quiet Trainer, the pruning settings most tests use, state helpers
+and probes. Tests import these by name (``from conftest import ...``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from sapp_lightning import BlockPruning
+
 ALGORITHM_IDS = ("sapp", "acdc", "magnitude", "powerprop")
+
+BLOCK = 4
+PRUNED = {"conv": 14, "fc1": 192}  # blocks per pruned layer; fc2 (6 blocks) stays dense with min_blocks=10
+# 64 samples in batches of 8, 10 epochs: 80 steps. Phases start at steps 0, 16, 48, 64 and 72.
+PLAN = [("dense", 0.2), ("sparsify", 0.4), ("sparse", 0.2), ("dense", 0.1), ("sparse", 0.1)]
+STEPS = 80
+PHASE_STARTS = [0, 16, 48, 64, 72]
 
 
 class TinyNet(pl.LightningModule):
@@ -76,3 +86,92 @@ def make_trainer(tmp_path, callbacks, max_epochs: int = 10, **kwargs) -> pl.Trai
 @pytest.fixture
 def seeded():
     pl.seed_everything(0, verbose=False)
+
+
+def pruning(algorithm: str = "sapp", sparsity: float = 0.5, cls=BlockPruning, **kwargs) -> BlockPruning:
+    kwargs.setdefault("plan", PLAN)
+    return cls(algorithm, sparsity=sparsity, block_size=BLOCK, min_blocks=10, **kwargs)
+
+
+def state_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+class MaskRecorder(pl.Callback):
+    """Placed before BlockPruning: keeps the masks as they are when fit ends, before the commit."""
+
+    def __init__(self, callback: BlockPruning):
+        self.callback, self.masks = callback, None
+
+    def on_fit_end(self, trainer, pl_module):
+        self.masks = [layer.mask.clone() for layer in self.callback.layers]
+
+
+class Inject(pl.Callback):
+    """Placed before BlockPruning: runs ``fn(callback)`` right after optimizer step ``step``."""
+
+    def __init__(self, callback: BlockPruning, step: int, fn):
+        self.callback, self.step, self.fn = callback, step, fn
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                self.fn(self.callback)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that resumes mid-epoch: Lightning saves its ``state_dict`` in every checkpoint."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._skip, self._yielded = 0, 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self._yielded = skip
+        for index, batch in enumerate(super().__iter__()):
+            if index >= skip:
+                self._yielded += 1
+                yield batch
+
+    def state_dict(self):
+        # Lightning 2.6 does not fetch ahead from a loader with a length: every batch yielded was trained on
+        return {"consumed": self._yielded}
+
+    def load_state_dict(self, state):
+        self._skip = state["consumed"]
+
+
+def resumable_loader() -> ResumableLoader:
+    return ResumableLoader(tiny_data(), batch_size=8, shuffle=False)
+
+
+def run(tmp_path, algorithm="sapp", ckpt_path=None, checkpoint=None, callback=None, **trainer_kwargs):
+    torch.manual_seed(0)
+    model = TinyNet(optimizer="adam", lr=1e-2)
+    callback = callback or pruning(algorithm)
+    recorder = MaskRecorder(callback)
+    checkpoints = [checkpoint] if isinstance(checkpoint, pl.Callback) else list(checkpoint or [])
+    trainer = make_trainer(
+        tmp_path, [recorder, callback, *checkpoints], enable_checkpointing=bool(checkpoints), **trainer_kwargs
+    )
+    trainer.fit(model, resumable_loader(), ckpt_path=ckpt_path)
+    return model, callback, recorder, trainer
+
+
+class SaveAt(pl.Callback):
+    """Placed after BlockPruning: ``trainer.save_checkpoint`` after the given optimizer steps, as
+    ``ModelCheckpoint(every_n_train_steps=...)`` does (without writing a file at every step)."""
+
+    def __init__(self, dirpath, steps):
+        self.dirpath, self.steps = dirpath, set(steps)
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step in self.steps:
+            trainer.save_checkpoint(self.dirpath / f"step={trainer.global_step}.ckpt")

@@ -1,18 +1,33 @@
 """The pruning algorithms, registered by the id used everywhere (CLI, YAML, ``BlockPruning``)."""
 
-from . import acdc, magnitude, powerprop, sapp  # noqa: F401  (registers each algorithm)
-from .base import ALGORITHMS, PRUNE_MODES, BlockReparam, PrunedLayer, PruningAlgorithm, get_algorithm, register
-from .powerprop import BlockPowerProp
-from .sapp import BlockAttention
+from .acdc import ACDC
+from .base import (
+    ALGORITHMS,
+    PRUNE_MODES,
+    BlockReparam,
+    PrunedLayer,
+    PruningAlgorithm,
+    carries_block_pruning,
+    get_algorithm,
+    register,
+)
+from .magnitude import Magnitude
+from .powerprop import BlockPowerProp, PowerPropagation
+from .sapp import BlockAttention, SequentialAttentionPP
 
 __all__ = [
+    "ACDC",
     "ALGORITHMS",
     "PRUNE_MODES",
     "BlockAttention",
     "BlockPowerProp",
     "BlockReparam",
+    "Magnitude",
+    "PowerPropagation",
     "PrunedLayer",
     "PruningAlgorithm",
+    "SequentialAttentionPP",
+    "carries_block_pruning",
     "get_algorithm",
     "register",
 ]

@@ -70,7 +70,7 @@ class PowerPropagation(PruningAlgorithm):
     plan_kind = "oneshot"
     default_prune_mode = "mask"
 
-    def make_reparam(self, layout: BlockLayout) -> BlockPowerProp:
+    def make_reparam(self, layout: BlockLayout, sparsity: float) -> BlockPowerProp:
         return BlockPowerProp(layout)
 
     def block_scores(self, layer: PrunedLayer) -> Tensor:

@@ -7,21 +7,20 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.utilities import rank_zero_only
 
-from ..algorithms import BlockAttention, PrunedLayer
 from ..callback import BlockPruning
+from ..sparsifier import BlockSparsifier, LayerState, PruningEvent
 
 
-def mask_image(layer: PrunedLayer, min_side: int = 128) -> torch.Tensor:
+def mask_image(layer: LayerState, min_side: int = 128) -> torch.Tensor:
     """A ``[1, H, W]`` image of the layer's block grid (rows: fan_in blocks, columns: fan_out blocks).
 
     Pruned blocks are black. Kept blocks are white, or for SA++ shaded by their attention
     (brighter = more attention), so the picture shows what the next pruning step will remove.
     """
-    mask = layer.mask.detach().float().cpu()
-    if isinstance(layer.reparam, BlockAttention):
-        attention = layer.reparam.attention().detach().float().cpu().log()
+    mask = layer.mask.float()
+    if layer.importance_name == "attention":
+        attention = layer.importance.log()
         lo, hi = attention.min(), attention.max()
         shade = (attention - lo) / (hi - lo) if hi > lo else torch.ones_like(attention)
         mask = mask * (0.25 + 0.75 * shade)
@@ -32,31 +31,35 @@ def mask_image(layer: PrunedLayer, min_side: int = 128) -> torch.Tensor:
 class MaskHeatmaps(pl.Callback):
     """Render every pruned layer's block mask when a phase ends and when training ends.
 
-    Put it before :class:`~sapp_lightning.BlockPruning` in the callback list so that it sees the
-    masks as the ending phase left them (the app does).
+    It listens to the :class:`~sapp_lightning.BlockPruning` callback's sparsifier, so its place in the
+    callback list does not matter.
     """
 
     def __init__(self, min_side: int = 128) -> None:
         self.min_side = min_side
-        self.pruning: BlockPruning | None = None
+        self._trainer: pl.Trainer | None = None
+        self._sparsifier: BlockSparsifier | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.pruning = next((cb for cb in trainer.callbacks if isinstance(cb, BlockPruning)), None)
+        pruning = next((cb for cb in trainer.callbacks if isinstance(cb, BlockPruning)), None)
+        if stage == "fit" and pruning is not None and self._sparsifier is not pruning.sparsifier:
+            self._sparsifier = pruning.sparsifier
+            self._sparsifier.add_listener(self._on_event)
+        self._trainer = trainer
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        pruning = self.pruning
-        if pruning is None or pruning.schedule is None or pruning.segment_index is None:
+    def _on_event(self, sparsifier: BlockSparsifier, event: PruningEvent) -> None:
+        if event.kind == "phase_end":
+            self._render(sparsifier, f"end of phase {event.segment_index} ({event.phase.name.lower()})")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._sparsifier is not None and self._sparsifier.layers:
+            self._render(self._sparsifier, "end of training")
+
+    def _render(self, sparsifier: BlockSparsifier, caption: str) -> None:
+        trainer = self._trainer
+        if trainer is None or not trainer.is_global_zero:
             return
-        if pruning.schedule.locate(trainer.global_step).index != pruning.segment_index:
-            self._render(trainer, f"end of phase {pruning.segment_index} ({pruning.phase.name.lower()})")
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.pruning is not None and self.pruning.layers:
-            self._render(trainer, "end of training")
-
-    @rank_zero_only
-    def _render(self, trainer: pl.Trainer, caption: str) -> None:
-        images = {layer.name: mask_image(layer, self.min_side) for layer in self.pruning.layers}
+        images = {layer.name: mask_image(layer, self.min_side) for layer in sparsifier.layer_states()}
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 for name, image in images.items():
