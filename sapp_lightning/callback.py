@@ -130,8 +130,6 @@ class BlockPruningHooks:
                 "or was interrupted), and that model still carries its masks. Call commit() on it for plain weights, "
                 "or resume the run from a checkpoint with a fresh model, Trainer and BlockPruning"
             )
-        if [cb for cb in trainer.callbacks if isinstance(cb, BlockPruningHooks) and cb is not self]:
-            raise ValueError("a Trainer takes one BlockPruning callback; combine the settings into one")
         self.sparsifier.prepare(pl_module)
         self._trainer = trainer
 

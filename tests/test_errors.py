@@ -27,7 +27,7 @@ from conftest import (
 )
 from torch import nn
 
-from sapp_lightning import BlockPruning, keep_count
+from sapp_lightning import BlockPruning, BlockSparsifier, keep_count
 
 
 def test_unknown_algorithm_lists_the_four():
@@ -307,3 +307,88 @@ def test_evaluation_without_fit_leaves_the_model_alone(tmp_path, stage):
     trainer = make_trainer(tmp_path, [pruning("sapp")])
     getattr(trainer, stage)(model, tiny_loader())
     assert list(model.state_dict()) == keys
+
+
+# --- the sparsifier's own messages ---------------------------------------------------------------------------
+def test_a_knob_next_to_an_algorithm_object_is_refused():
+    from sapp_lightning.algorithms import SequentialAttentionPP
+
+    with pytest.raises(ValueError, match=r"attention_clipping, logit_l2 belong to the algorithm object: pass them to "):
+        BlockPruning(SequentialAttentionPP(), 0.5, BLOCK, attention_clipping=False, logit_l2=0.1)
+
+
+def test_an_algorithm_that_is_neither_a_name_nor_an_object():
+    with pytest.raises(TypeError, match="algorithm must be a name or a PruningAlgorithm, got int"):
+        BlockPruning(3, 0.5, BLOCK)
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (dict(min_blocks=-1), "min_blocks must be an int >= 0"),
+        (dict(schedule_exponent=0), "schedule_exponent must be > 0"),
+        (dict(logit_l2=-1.0), "logit_l2 must be >= 0 or None"),
+        (dict(total_steps=2.5), "total_steps must be an int >= 1 or None"),
+    ],
+)
+def test_bad_numeric_options(option, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        BlockPruning("sapp", 0.5, BLOCK, **option)
+
+
+def test_sparsifier_calls_out_of_order_say_the_order():
+    sparsifier = BlockSparsifier("acdc", 0.5, BLOCK, min_blocks=10)
+    with pytest.raises(
+        RuntimeError, match=r"step\(\) needs a sparsifier that is training, but it is new .*prepare -> "
+    ):
+        sparsifier.step()
+    sparsifier.prepare(TinyNet())
+    with pytest.raises(ValueError, match="total_steps must be an int >= 1"):
+        sparsifier.start(0)
+
+
+def test_report_before_prepare():
+    with pytest.raises(RuntimeError, match="report\\(\\) lists the pruned layers, which are chosen when"):
+        BlockSparsifier("acdc", 0.5, BLOCK).report()
+
+
+def test_sapp_without_an_optimizer():
+    sparsifier = BlockSparsifier("sapp", 0.5, BLOCK, min_blocks=10)
+    sparsifier.prepare(TinyNet())
+    with pytest.raises(ValueError, match="SequentialAttentionPP trains attention logits and needs an optimizer"):
+        sparsifier.attach([])
+
+
+def test_a_loop_longer_than_the_plan_warns_once_and_a_shorter_one_warns_at_the_commit():
+    sparsifier = BlockSparsifier("acdc", 0.5, BLOCK, min_blocks=10, plan=PLAN)
+    sparsifier.prepare(TinyNet())
+    sparsifier.start(total_steps=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(6):
+            sparsifier.step()
+    assert [str(w.message) for w in caught if "goes on past the 4 steps" in str(w.message)] != []
+    assert len(caught) == 1
+    short = BlockSparsifier("acdc", 0.5, BLOCK, min_blocks=10, plan=PLAN)
+    short.prepare(TinyNet())
+    short.start(total_steps=80)
+    short.step()
+    with pytest.warns(UserWarning, match=r"below the target .*training stopped after 1 of the 80 steps of the plan"):
+        short.commit()
+
+
+def test_a_state_of_another_version_is_refused():
+    sparsifier = BlockSparsifier("acdc", 0.5, BLOCK, min_blocks=10)
+    sparsifier.prepare(TinyNet())
+    with pytest.raises(ValueError, match="unsupported BlockPruning checkpoint state version 1 .*committed_state_dict"):
+        sparsifier.load_state_dict({"version": 1})
+
+
+def test_two_block_pruning_callbacks_on_one_trainer_are_refused_by_lightning(tmp_path):
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `BlockPruning`"):
+        make_trainer(tmp_path, [pruning("sapp"), pruning("acdc")])
+
+
+def test_an_endless_fit_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="BlockPruning needs a finite training length: set max_epochs or max_steps"):
+        make_trainer(tmp_path, [pruning("acdc")], max_epochs=-1).fit(TinyNet(), tiny_loader())
