@@ -55,6 +55,7 @@ def test_pytorch_lightning_trainer(tmp_path):
 
 def test_lightning_pytorch_trainer_resumes_bit_identically(tmp_path):
     import lightning.pytorch as L  # a test dependency ([dev]), not one of sapp_lightning
+
     from sapp_lightning.lightning import BlockPruning as LBlockPruning
 
     class LitTiny(L.LightningModule):
