@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 from .algorithms import ALGORITHMS, PruningAlgorithm, register
 from .blocks import BlockLayout, keep_count, top_k_mask
 from .checkpoint import committed_state_dict
+from .events import LayerState, Lifecycle, PruningEvent
 from .report import LayerSparsity, SparsityReport, block_sparsity
 from .schedules import Phase, PhasePlan, exponential_sparsity
-from .sparsifier import BlockSparsifier, LayerState, Lifecycle, PruningEvent
+from .sparsifier import BlockSparsifier
 
 if TYPE_CHECKING:
     from .callback import BlockPruning

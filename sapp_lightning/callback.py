@@ -17,9 +17,10 @@ from torch import nn
 
 from .algorithms import PrunedLayer, PruningAlgorithm
 from .blocks import BlockSize
+from .events import Lifecycle, PruningEvent
 from .report import SparsityReport
 from .schedules import Phase, PhasePlan, StepSchedule
-from .sparsifier import BlockSparsifier, Lifecycle, PruningEvent
+from .sparsifier import BlockSparsifier
 
 log = logging.getLogger("sapp_lightning")
 
@@ -266,31 +267,7 @@ class BlockPruning(BlockPruningHooks, pl.Callback):
             optimizers). Default: ``trainer.estimated_stepping_batches``. Needed only under manual optimization
             when some batches step no optimizer (the callback raises after the first epoch, naming the value).
 
-    Reliability notes:
-
-    * Resuming: ``trainer.fit(..., ckpt_path=...)`` with the same settings reaches bit-identical weights and
-      masks (CPU), from inside any phase. A checkpoint written with other settings (algorithm, sparsity, block
-      size, targets, plan) or for a run of another length is refused with a message that names the difference.
-      The model's ``state_dict`` holds tensors only (raw weights, masks, logits); the configuration goes into its
-      metadata and the callback's state. :func:`~sapp_lightning.committed_state_dict` turns a training
-      checkpoint into plain weights. A checkpoint saved after ``fit`` returned holds the committed weights: it
-      loads into a plain model, and resuming it is refused (the run is over).
-    * Distributed (DDP): every rank computes the masks from the synchronized weights; their checksums are
-      compared across ranks at each phase boundary. Under ``ddp_spawn`` / ``ddp_fork`` the callback in the main
-      process is a copy that did not train: the committed weights come back to the model, but call
-      :func:`~sapp_lightning.block_sparsity` on it instead of :meth:`report`.
-    * Precision: under ``bf16-mixed`` / ``16-mixed`` the masked forward runs under autocast and pruned blocks
-      are exact zeros; SA++'s logits and attention stay float32, also under ``bf16-true`` / ``16-true``.
-    * ``torch.compile``: masks and logits are buffers and parameters changed in place, so phase changes do not
-      recompile the model. Once ``fit`` returns, the commit gives parametrized layers (``sapp``, ``powerprop``,
-      ``prune_mode="mask"``) their plain class back, so the first compiled call afterwards compiles once more.
-    * Progress: the plan follows training steps (batches that step the optimizers), whatever the number of
-      optimizers. Where the Trainer's count cannot match the plan (manual optimization with ``max_steps`` and
-      several optimizers, or batches that step none) it raises, naming what to set.
-    * Odd states: a second ``fit`` with the same callback, a model with no eligible layer, a weight shared by two
-      modules, and a layer already pruned by another callback raise at set-up, before the model is touched; a
-      sparsity that rounds to 0 pruned blocks in a layer warns, naming it, and so do kept blocks that end training
-      all zero (dead units, see ``prune_mode``); ``validate``, ``test`` and ``predict`` leave the model alone.
+    Resume, DDP, precision, ``torch.compile`` and odd states: see the README's "Reliability" section.
 
     Example:
         >>> import pytorch_lightning as pl, torch

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
+from .algorithms import build_algorithm
 from .algorithms.base import MASK_SUFFIX
 from .blocks import BlockLayout
-from .sparsifier import METADATA_KEY, build_algorithm
+from .sparsifier import METADATA_KEY
 
 LEGACY_CONFIG_KEY = "_block_pruning_config"  # state_dict entry of sapp_lightning 0.1 checkpoints
 CALLBACK_STATE_KEY = "BlockPruning"

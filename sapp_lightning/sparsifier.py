@@ -31,20 +31,17 @@ Example:
 
 from __future__ import annotations
 
-import copy
-import enum
-import inspect
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .algorithms import PrunedLayer, PruningAlgorithm, carries_block_pruning, get_algorithm
-from .blocks import BlockLayout, BlockSize, keep_count, normalize_block_size, top_k_mask
+from .algorithms import PrunedLayer, PruningAlgorithm, build_algorithm, carries_block_pruning
+from .blocks import BlockSize, keep_count, normalize_block_size, top_k_mask
 from .distributed import AllGather, is_rank_zero, rank_zero_warn, torch_all_gather, verify_masks_agree, world_size
+from .events import LayerState, Lifecycle, PruningEvent
 from .report import SparsityReport, measure_layer
 from .schedules import Phase, PhasePlan, StepSchedule, exponential_sparsity
 from .targets import compile_patterns, select_layers
@@ -56,69 +53,7 @@ STATE_VERSION = 2
 METADATA_KEY = "sapp_lightning.block_pruning"
 
 
-class Lifecycle(enum.Enum):
-    NEW = "new"  # nothing pruned yet
-    PREPARED = "prepared"  # masks injected, plan not started
-    TRAINING = "training"  # the plan is running
-    COMMITTED = "committed"  # plain weights again; the sparsifier is spent
-    FAILED = "failed"  # training stopped by an exception; the model still carries the masks
-
-
-@dataclass(frozen=True)
-class PruningEvent:
-    """What a listener hears: a phase starting or ending, or the commit (masks as training left them)."""
-
-    kind: Literal["phase_start", "phase_end", "commit"]
-    step: int
-    segment_index: int | None
-    phase: Phase | None
-
-
-@dataclass(frozen=True)
-class LayerState:
-    """One pruned layer at a moment: its block mask and the score that ranks its blocks (CPU copies)."""
-
-    name: str
-    layout: BlockLayout
-    mask: Tensor  # bool, ``layout.grid_shape``
-    importance: Tensor  # float32, ``layout.grid_shape``: SA++'s attention, else the block's Frobenius norm
-    importance_name: str  # "attention" or "block norm"
-
-    @property
-    def num_blocks(self) -> int:
-        return self.layout.num_blocks
-
-    @property
-    def num_kept(self) -> int:
-        return int(self.mask.sum())
-
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.num_kept / self.num_blocks
-
-
 Listener = Callable[["BlockSparsifier", PruningEvent], None]
-
-
-def build_algorithm(algorithm: str | PruningAlgorithm, **options: Any) -> PruningAlgorithm:
-    """An algorithm object from a registered name and its knobs, or a copy of a given object.
-
-    Knobs that the named algorithm does not have (``attention_clipping`` for ``"acdc"``) are ignored, so that one
-    configuration serves every algorithm of a sweep; ``None`` means the algorithm's default.
-    """
-    given = {key: value for key, value in options.items() if value is not None}
-    if isinstance(algorithm, PruningAlgorithm):
-        if given:
-            raise ValueError(
-                f"{', '.join(sorted(given))} belong to the algorithm object: pass them to "
-                f"{type(algorithm).__name__}(...) instead, not next to it"
-            )
-        return copy.deepcopy(algorithm)
-    if not isinstance(algorithm, str):
-        raise TypeError(f"algorithm must be a name or a PruningAlgorithm, got {type(algorithm).__name__}")
-    cls = get_algorithm(algorithm)
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls(**{key: value for key, value in given.items() if key in accepted})
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -33,6 +35,27 @@ def get_algorithm(name: str) -> type[PruningAlgorithm]:
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; expected one of {', '.join(repr(a) for a in ALGORITHMS)}")
     return ALGORITHMS[name]
+
+
+def build_algorithm(algorithm: str | PruningAlgorithm, **options: Any) -> PruningAlgorithm:
+    """An algorithm object from a registered name and its knobs, or a copy of a given object.
+
+    Knobs that the named algorithm does not have (``attention_clipping`` for ``"acdc"``) are ignored, so that one
+    configuration serves every algorithm of a sweep; ``None`` means the algorithm's default.
+    """
+    given = {key: value for key, value in options.items() if value is not None}
+    if isinstance(algorithm, PruningAlgorithm):
+        if given:
+            raise ValueError(
+                f"{', '.join(sorted(given))} belong to the algorithm object: pass them to "
+                f"{type(algorithm).__name__}(...) instead, not next to it"
+            )
+        return copy.deepcopy(algorithm)
+    if not isinstance(algorithm, str):
+        raise TypeError(f"algorithm must be a name or a PruningAlgorithm, got {type(algorithm).__name__}")
+    cls = get_algorithm(algorithm)
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{key: value for key, value in given.items() if key in accepted})
 
 
 class BlockReparam(nn.Module):

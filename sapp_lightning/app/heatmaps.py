@@ -9,7 +9,8 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 
 from ..callback import BlockPruning
-from ..sparsifier import BlockSparsifier, LayerState, PruningEvent
+from ..events import LayerState, PruningEvent
+from ..sparsifier import BlockSparsifier
 
 
 def mask_image(layer: LayerState, min_side: int = 128) -> torch.Tensor:
