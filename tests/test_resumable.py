@@ -295,7 +295,9 @@ def check_resumes(make, tmp_path: Path, resume_from: list[str], **data) -> None:
 
 
 # Lightning notes that the val loader goes unused and that a resumed run checkpoints into another folder.
-quiet_fit = pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader`", "ignore:The dirpath has changed")
+quiet_fit = pytest.mark.filterwarnings(
+    "ignore:You passed in a `val_dataloader`", "ignore:The dirpath has changed", "ignore:.*LeafSpec"
+)
 
 
 @quiet_fit
@@ -311,3 +313,52 @@ def test_fit_resumed_mid_epoch_is_bit_identical(tmp_path):
 @pytest.mark.parametrize("name", ["imagenet", "fashion"])
 def test_fit_resumed_mid_epoch_is_bit_identical_with_workers(tmp_path, name):
     check_resumes(MODULES[name], tmp_path, ["step={mid}.ckpt", "step={later}.ckpt", "end-epoch=0.ckpt"], num_workers=2)
+
+
+class RowRecorder(TinyCTR):
+    """Saves, per rank, the Criteo row ids (I1, I2 written by ``row_tsv``) of every training batch and the loader."""
+
+    def __init__(self, cardinalities: list[int], out: Path) -> None:
+        super().__init__(13, cardinalities)
+        self.out, self.rows = out, []
+
+    def training_step(self, batch, index):
+        self.rows.append(np.rint(np.expm1(batch[0][:, :2].double().numpy())).astype(int) @ [1000, 1])
+        return super().training_step(batch, index)
+
+    def on_train_end(self) -> None:
+        loader = self.trainer.train_dataloader
+        sampler = (type(loader).__name__, loader.sampler.rank, loader.sampler.num_replicas)
+        torch.save({"rows": np.concatenate(self.rows), "loader": sampler}, self.out / f"rank{self.global_rank}.pt")
+
+
+@quiet_fit
+def test_ddp_ranks_train_on_disjoint_rows_from_the_modules_own_sampler(tmp_path, monkeypatch):
+    """Under DDP with use_distributed_sampler=True (the default) Lightning keeps the loader: no second sharding."""
+    from lightning_fabric.plugins.environments.lightning import find_free_network_port
+
+    monkeypatch.setenv("MASTER_PORT", str(find_free_network_port()))
+    lines = ["\t".join(["0", str(r // 1000), str(r % 1000)] + [""] * 11 + ["0000000a"] * 26) for r in range(300)]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")  # 258 train rows: 17 batches of 16
+    dm = CriteoDataModule(tmp_path / "train.txt", cache_dir=tmp_path / "cache", table_size=50, batch_size=16)
+    model = RowRecorder(dm.cardinalities, tmp_path)
+    strategy = "ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork"  # a process that touched CUDA cannot fork
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, dm)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["loader"] for r in ranks] == [("ResumableDataLoader", 0, 2), ("ResumableDataLoader", 1, 2)]
+    rows = np.concatenate([r["rows"] for r in ranks])
+    assert [len(r["rows"]) for r in ranks] == [128, 128]  # 8 batches each; the 17th global batch is dropped
+    assert len(np.unique(rows)) == 256 and rows.max() < 258
