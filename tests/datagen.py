@@ -59,3 +59,29 @@ def make_criteo_tsv(path: Path, rows: int = 700, seed: int = 0) -> Path:
         lines.append("\t".join([label, *ints, *cats]))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def make_ml100k_dir(folder: Path, users: int = 30, items: int = 40, ratings: int = 400, seed: int = 0) -> Path:
+    """GroupLens' ml-100k layout with random rows: ``u.data`` (tabs), ``u.user`` and ``u.item`` (pipes, latin-1)."""
+    from sapp_lightning.data.movielens import GENRES
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    genders, jobs = ("M", "F"), ("student", "writer", "other", "technician")
+    user_lines = [
+        f"{u}|{rng.integers(7, 74)}|{genders[u % 2]}|{jobs[u % 4]}|{rng.integers(10000, 99999)}"
+        for u in range(1, users + 1)
+    ]
+    item_lines = []
+    for i in range(1, items + 1):
+        date = "" if i % 17 == 0 else f"01-Jan-{rng.integers(1930, 1999)}"
+        flags = "|".join(str(int(rng.random() < 0.2)) for _ in GENRES)
+        item_lines.append(f"{i}|Film {i} (1995)|{date}||http://us.imdb.com/M/title-exact?{i}|{flags}")
+    rating_lines = [
+        f"{rng.integers(1, users + 1)}\t{rng.integers(1, items + 1)}\t{rng.integers(1, 6)}\t{880_000_000 + 60 * r}"
+        for r in rng.permutation(ratings)
+    ]
+    (folder / "u.user").write_text("\n".join(user_lines) + "\n")
+    (folder / "u.item").write_text("\n".join(item_lines) + "\n", encoding="latin-1")
+    (folder / "u.data").write_text("\n".join(rating_lines) + "\n")
+    return folder

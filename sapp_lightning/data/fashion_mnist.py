@@ -41,18 +41,7 @@ FILES = {
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
 MEAN, STD = 0.2860, 0.3530
-CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 # IDX header: two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions.
 _UBYTE = 0x08
 
@@ -89,29 +78,26 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _has_all_files(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in FILES.values())
-
-
 def _candidate_dirs(data_dir: str | None) -> list[Path]:
     """Folders searched for the four files, in priority order; the last ones are where downloads land."""
     # DEBIAN_DIR and the cache are read at call time so tests (and users) can point them elsewhere.
-    if data_dir is not None:
-        root = Path(data_dir).expanduser()
-        return [root, root / "FashionMNIST" / "raw", DEBIAN_DIR]
+    root = Path(data_dir).expanduser() if data_dir is not None else None
     cache = default_cache_dir()
-    return [DEBIAN_DIR, cache, cache / "FashionMNIST" / "raw"]
+    return (
+        [root, root / "FashionMNIST" / "raw", DEBIAN_DIR]
+        if root
+        else [DEBIAN_DIR, cache, cache / "FashionMNIST" / "raw"]
+    )
 
 
 def find_fashion_mnist(data_dir: str | None = None) -> Path | None:
     """The first folder holding all four gzipped IDX files (see the module docstring), or None."""
-    return next((d for d in _candidate_dirs(data_dir) if _has_all_files(d)), None)
+    return next((d for d in _candidate_dirs(data_dir) if all((d / n).is_file() for n in FILES.values())), None)
 
 
 def _not_found_message(data_dir: str | None) -> str:
-    searched = ", ".join(str(d) for d in _candidate_dirs(data_dir))
     return (
-        f"Fashion-MNIST not found (searched {searched}). Options: "
+        f"Fashion-MNIST not found (searched {', '.join(map(str, _candidate_dirs(data_dir)))}). Options: "
         f"(1) set data_dir to a folder holding {', '.join(FILES.values())}; "
         f"(2) `apt-get install dataset-fashion-mnist` (files in {DEBIAN_DIR}); "
         "(3) download=True and call prepare_data() on a machine with network access."
@@ -143,9 +129,15 @@ class NormalizedImages(Dataset):
     ``__getitems__`` lets the DataLoader fetch a whole batch with one gather instead of one per sample; the
     DataLoader must then use :func:`collate_batch`. The gather and the scaling run in numpy: single-threaded,
     so they do not wait on torch's intra-op thread pool, which the training step keeps busy on a small machine.
+
+    Example:
+        >>> data = NormalizedImages(torch.full((3, 1, 2, 2), 255, dtype=torch.uint8), torch.tensor([0, 1, 2]))
+        >>> images, labels = data.__getitems__([2, 0])
+        >>> images.shape, round(images[0, 0, 0, 0].item(), 4), labels.tolist()  # (1 - 0.2860) / 0.3530
+        (torch.Size([2, 1, 2, 2]), 2.0227, [2, 0])
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, mean: float = MEAN, std: float = STD):
+    def __init__(self, images: Tensor, labels: Tensor, mean: float = MEAN, std: float = STD) -> None:
         if images.dtype != torch.uint8:
             raise TypeError(f"images must be uint8, got {images.dtype}")
         self.images, self.labels, self.mean, self.std = images, labels, mean, std
@@ -157,7 +149,7 @@ class NormalizedImages(Dataset):
         images, labels = self.__getitems__([index])
         return images[0], labels[0]
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+    def __getitems__(self, indices: list[int] | np.ndarray) -> tuple[Tensor, Tensor]:
         index = np.asarray(indices, dtype=np.int64)
         # (x / 255 - mean) / std as one multiply and one subtract, in place on a fresh float32 copy of the batch.
         images = self.images.numpy()[index].astype(np.float32)
@@ -170,8 +162,9 @@ class FashionMNISTDataModule(SplitDataModule):
     """Fashion-MNIST: 55k train / ``val_size`` val (seeded split of the official 60k) / official 10k test.
 
     Batches are ``(images float32 [B, 1, 28, 28], labels int64 [B])``, normalized with mean 0.2860 and
-    std 0.3530. ``num_classes`` and ``input_shape`` are class attributes; ``source_dir`` (the folder the
-    files were read from) is set by ``setup``. See the module docstring for where the files are looked for.
+    std 0.3530. ``seed`` fixes the val split and the train order (a function of ``(seed, epoch)``: loaders resume
+    mid-epoch). ``num_classes`` and ``input_shape`` are class attributes; ``source_dir`` (the folder the files were
+    read from) is set by ``setup``. See the module docstring for where the files are looked for.
     """
 
     collate_fn = staticmethod(collate_batch)
@@ -188,7 +181,7 @@ class FashionMNISTDataModule(SplitDataModule):
         val_size: int = 5000,
         seed: int = 0,
         download: bool = True,
-    ):
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

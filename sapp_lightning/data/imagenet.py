@@ -8,13 +8,17 @@ Expected layout (the one the usual ``valprep.sh`` produces)::
 ImageNet publishes no test labels, so ``test_dataloader()`` returns the validation set: "test" numbers from
 this module are validation numbers, as in the papers that report ImageNet accuracy.
 
+The train order is a function of ``(seed, epoch)`` and each image's random crop and flip of ``(seed, epoch,
+index)`` (:class:`~sapp_lightning.data.base.SeededItems`), so a run resumed from a mid-epoch checkpoint sees the
+same augmented batches as an uninterrupted one, with any number of workers.
+
 Example (needs the data)::
 
     from sapp_lightning.data.imagenet import ImageNetDataModule
 
     dm = ImageNetDataModule("/datasets/imagenet", batch_size=256, num_workers=8)
     print(dm.num_classes)      # 1000, read from root/train at construction
-    trainer.fit(model, dm)     # under DDP Lightning swaps in a DistributedSampler
+    trainer.fit(model, dm)     # under DDP each rank takes its own batches (rank and world size from the trainer)
 """
 
 from __future__ import annotations
@@ -81,12 +85,13 @@ class ImageNetDataModule(SplitDataModule):
     """ImageFolder over ``root/train`` and ``root/val`` with the standard ResNet transforms.
 
     ``classes`` and ``num_classes`` come from ``root/train`` at construction (``val`` must hold the same class
-    folders). ``test_dataloader()`` is the validation set: ImageNet has no public test labels.
-    Loaders use ``shuffle=True`` for training and let Lightning inject a ``DistributedSampler`` under DDP;
-    ``pin_memory`` is on when CUDA is available and workers persist across epochs when ``num_workers > 0``.
+    folders). ``test_dataloader()`` is the validation set: ImageNet has no public test labels. ``seed`` (default:
+    ``PL_GLOBAL_SEED``, else 0) fixes the train order and the augmentation. ``pin_memory`` is on when CUDA is
+    available and workers persist across epochs when ``num_workers > 0``.
     """
 
     test_split = "val"  # ImageNet's test labels are not public
+    seeded_augmentation = True  # random crops and flips drawn per (seed, epoch, image): resumable
 
     input_channels: int = 3
 
@@ -97,13 +102,14 @@ class ImageNetDataModule(SplitDataModule):
         num_workers: int = 8,
         image_size: int = 224,
         val_resize: int = 256,
-    ):
+        seed: int | None = None,
+    ) -> None:
         super().__init__()
         if val_resize < image_size:
             raise ValueError(f"val_resize ({val_resize}) must be >= image_size ({image_size}) for the center crop")
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.image_size, self.val_resize = image_size, val_resize
         self.classes: list[str] = _check_layout(self.root)
         self.num_classes: int = len(self.classes)
