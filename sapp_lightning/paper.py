@@ -53,6 +53,6 @@ def paper_value(table: str, method: str, block: int, sparsity: float) -> float |
         0.4595
     """
     source = IMAGENET_TOP1 if table == "imagenet" else CRITEO_VAL_LOSS
-    if method == "none":
+    if method == "dense":
         return IMAGENET_DENSE_TOP1 if table == "imagenet" else CRITEO_DENSE_LOSS
     return source.get((block, round(sparsity, 4)), {}).get(method)

@@ -25,9 +25,9 @@ from typing import Any
 
 from .paper import paper_value
 
-METHOD_ORDER = ("none", "magnitude", "powerprop", "acdc", "sapp")
+METHOD_ORDER = ("dense", "magnitude", "powerprop", "acdc", "sapp")
 METHOD_NAMES = {
-    "none": "Dense",
+    "dense": "Dense",
     "magnitude": "Magnitude",
     "powerprop": "PowerPropagation",
     "acdc": "ACDC",
@@ -40,7 +40,10 @@ def load_results(root: str | Path) -> list[dict[str, Any]]:
     paths = sorted(Path(root).rglob("results.json"))
     if not paths:
         raise FileNotFoundError(f"no results.json below {root}: is this a finished run or sweep folder?")
-    return [json.loads(p.read_text()) | {"path": str(p.parent)} for p in paths]
+    rows = [json.loads(p.read_text()) | {"path": str(p.parent)} for p in paths]
+    for row in rows:  # sapp_lightning 0.1 called the dense baseline "none"
+        row["algorithm"] = "dense" if row["algorithm"] == "none" else row["algorithm"]
+    return rows
 
 
 def primary_metric(task: str) -> tuple[str, float]:
@@ -119,8 +122,8 @@ def runs_table(summary: Sequence[dict[str, Any]]) -> str:
     rows = [
         [
             METHOD_NAMES.get(s["algorithm"], s["algorithm"]),
-            "—" if s["algorithm"] == "none" else f"{s['sparsity']:.0%}",
-            "—" if s["algorithm"] == "none" else str(s["block_size"]),
+            "—" if s["algorithm"] == "dense" else f"{s['sparsity']:.0%}",
+            "—" if s["algorithm"] == "dense" else str(s["block_size"]),
             str(s["n"]),
             _cell(s["mean"], s["std"], s["n"], digits),
             _cell(s["test_mean"], s["test_std"], s["n"], digits),
@@ -134,7 +137,7 @@ def runs_table(summary: Sequence[dict[str, Any]]) -> str:
 
 def paper_table(summary: Sequence[dict[str, Any]], paper: str | None) -> str:
     """The paper's layout: rows (sparsity, method), one column per block size, paper value in brackets."""
-    pruned = [s for s in summary if s["algorithm"] != "none"]
+    pruned = [s for s in summary if s["algorithm"] != "dense"]
     if not pruned:
         return "(no pruned runs)"
     digits = 2 if pruned[0]["metric"] == "val/acc" else 4
@@ -153,10 +156,10 @@ def paper_table(summary: Sequence[dict[str, Any]], paper: str | None) -> str:
                 text += f" [{reference:.{digits}f}]" if reference is not None else " [—]"
             row.append(text)
         rows.append(row)
-    dense = [s for s in summary if s["algorithm"] == "none"]
+    dense = [s for s in summary if s["algorithm"] == "dense"]
     if dense:
         d = dense[0]
-        ref = f" [{paper_value(paper, 'none', 0, 0):.{digits}f}]" if paper else ""
+        ref = f" [{paper_value(paper, 'dense', 0, 0):.{digits}f}]" if paper else ""
         rows.append(["0%", "Dense", *([_cell(d["mean"], d["std"], d["n"], digits) + ref] * len(blocks))])
     header = ["sparsity", "method", *[f"B={b}" for b in blocks]]
     return _format_table(header, rows)
@@ -182,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarize(rows)
     print(f"{len(rows)} runs from {args.root}\n")
     print(runs_table(summary))
-    if len({s["block_size"] for s in summary if s["algorithm"] != "none"}) > 1 or paper:
+    if len({s["block_size"] for s in summary if s["algorithm"] != "dense"}) > 1 or paper:
         print("\nIn the paper's layout" + (f" (the paper's {paper} numbers in brackets)" if paper else "") + ":\n")
         print(paper_table(summary, paper))
     return 0

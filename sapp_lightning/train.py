@@ -5,7 +5,7 @@ Examples (see the README and each recipe's first line)::
     sapp-train recipe=resnet50_imagenet pruning=sapp pruning.sparsity=0.9 pruning.block_size=16
     sapp-train recipe=criteo_paper pruning=acdc pruning.sparsity=0.95 pruning.block_size=10
     sapp-train -m recipe=criteo_paper pruning=sapp,acdc,magnitude,powerprop pruning.sparsity=0.9,0.95 seed=0,1,2
-    sapp-train pruning=none            # the dense baseline
+    sapp-train pruning=dense           # the dense baseline
     sapp-train recipe=criteo_paper --cfg job   # print the composed config
 
 Each run writes ``results.json`` into its output folder; ``python -m sapp_lightning.results DIR``
@@ -21,23 +21,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
+try:
+    import hydra
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+except ImportError as err:  # pragma: no cover - depends on the installation
+    raise SystemExit(f"sapp-train needs the app extra: pip install 'sapp_lightning[app]' ({err})") from err
 import pytorch_lightning as pl
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
 from . import BlockPruning, block_sparsity
+from .app.configs import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
-
 
 def build_pruning(cfg: DictConfig) -> BlockPruning | None:
-    """``BlockPruning(**cfg)``, or ``None`` for ``pruning=none`` (the dense baseline)."""
-    options = OmegaConf.to_container(cfg, resolve=True)
-    algorithm = options.pop("algorithm")
-    return None if algorithm == "none" else BlockPruning(algorithm, **options)
+    """The ``pruning`` group instantiated (``_target_: sapp_lightning.BlockPruning``), or ``None`` where its
+    ``_target_`` is null (``pruning=dense``, the dense baseline)."""
+    return instantiate(cfg, _convert_="all") if cfg.get("_target_") else None
 
 
 def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningModule:

@@ -85,3 +85,21 @@ def make_ml100k_dir(folder: Path, users: int = 30, items: int = 40, ratings: int
     (folder / "u.item").write_text("\n".join(item_lines) + "\n", encoding="latin-1")
     (folder / "u.data").write_text("\n".join(rating_lines) + "\n")
     return folder
+
+
+def write_all(root: Path) -> dict[str, Path]:
+    """Every data set a recipe reads, in its real format, under ``root`` (for ``.ci/wheel_check.sh``)."""
+    make_fashion_dir(root / "fashion", n_train=100, n_test=20)
+    return {
+        "fashion": root / "fashion",
+        "imagenet": make_imagefolder(root / "imagenet"),
+        "criteo": make_criteo_tsv(root / "criteo.txt"),
+        "movielens": make_ml100k_dir(root / "ml-100k"),
+    }
+
+
+if __name__ == "__main__":
+    import sys
+
+    for name, path in write_all(Path(sys.argv[1])).items():
+        print(f"{name}={path}")

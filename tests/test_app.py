@@ -14,12 +14,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 from sapp_lightning import BlockPruning
+from sapp_lightning.app.configs import CONFIG_DIR, RECIPES_DIR
 from sapp_lightning.results import main as results_main
-from sapp_lightning.train import CONFIG_DIR, build_pruning, run
+from sapp_lightning.train import build_pruning, run
 
-ROOT = CONFIG_DIR.parent
-RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
-PRUNINGS = sorted(p.stem for p in (CONFIG_DIR / "pruning").glob("*.yaml"))
+RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+PRUNINGS = sorted(p.stem for p in (CONFIG_DIR / "pruning").glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def compose_cfg(overrides: list[str], output_dir: Path):
@@ -31,12 +31,12 @@ def compose_cfg(overrides: list[str], output_dir: Path):
 
 def test_there_are_recipes_and_pruning_options():
     assert {"resnet50_imagenet", "criteo_paper", "criteo_table2", "imagenet_table1", "movielens_ctr"} <= set(RECIPES)
-    assert PRUNINGS == ["acdc", "magnitude", "none", "powerprop", "sapp"]
+    assert PRUNINGS == ["acdc", "dense", "magnitude", "powerprop", "sapp"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_starts_with_the_command_that_runs_it(recipe):
-    lines = (ROOT / "recipes" / f"{recipe}.yaml").read_text().splitlines()
+    lines = (RECIPES_DIR / f"{recipe}.yaml").read_text().splitlines()
     assert lines[0] == "# @package _global_"  # Hydra needs this header first
     assert lines[1].startswith("# sapp-train ") and f"recipe={recipe}" in lines[1]
     text = "\n".join(lines)
@@ -48,7 +48,7 @@ def test_every_recipe_starts_with_the_command_that_runs_it(recipe):
 def test_every_recipe_composes_with_every_pruning_option(tmp_path, recipe, pruning):
     cfg = compose_cfg([f"recipe={recipe}", f"pruning={pruning}"], tmp_path)
     callback = build_pruning(cfg.pruning)
-    if pruning == "none":
+    if pruning == "dense":
         assert callback is None
         return
     assert isinstance(callback, BlockPruning) and callback.algorithm_name == pruning
@@ -81,10 +81,10 @@ def test_recipes_override_the_primary_config_including_the_sweep_folder(tmp_path
 
 def test_cfg_job_prints_the_composed_config():
     out = subprocess.run(
-        [sys.executable, "-m", "sapp_lightning.train", "recipe=criteo_paper", "pruning=none", "--cfg", "job"],
-        capture_output=True, text=True, check=True, cwd=ROOT,
+        [sys.executable, "-m", "sapp_lightning.train", "recipe=criteo_paper", "pruning=dense", "--cfg", "job"],
+        capture_output=True, text=True, check=True, cwd=RECIPES_DIR.parent,
     )  # fmt: skip
-    assert "algorithm: none" in out.stdout and "CriteoDataModule" in out.stdout
+    assert "algorithm: dense" in out.stdout and "CriteoDataModule" in out.stdout
 
 
 FAST = ["+trainer.fast_dev_run=1", "trainer.accelerator=cpu", "trainer.devices=1", "logger=none"]
@@ -162,12 +162,12 @@ def test_joblib_multirun_of_two_jobs_and_the_results_table(tmp_path, capsys):
     make_fashion_dir(data, n_train=100, n_test=20)
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "sapp_lightning.train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
-    cmd += ["recipe=fashion_mnist_demo", "pruning=none,sapp", f"data.data_dir={data}", "data.val_size=20"]
+    cmd += ["recipe=fashion_mnist_demo", "pruning=dense,sapp", f"data.data_dir={data}", "data.val_size=20"]
     cmd += ["+trainer.fast_dev_run=2", "logger=none", f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     subprocess.run(cmd, check=True, cwd=tmp_path, env=env, capture_output=True)
     results = sorted(json.loads(p.read_text())["algorithm"] for p in sweep.rglob("results.json"))
-    assert results == ["none", "sapp"]
+    assert results == ["dense", "sapp"]
     assert results_main([str(sweep)]) == 0
     table = capsys.readouterr().out
     assert "| Dense" in table and "| SA++" in table and "| 90%" in table

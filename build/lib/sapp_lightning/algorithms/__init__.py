@@ -1,0 +1,35 @@
+"""The pruning algorithms, registered by the id used everywhere (CLI, YAML, ``BlockPruning``)."""
+
+from .acdc import ACDC
+from .base import (
+    ALGORITHMS,
+    PRUNE_MODES,
+    BlockReparam,
+    PrunedLayer,
+    PruningAlgorithm,
+    build_algorithm,
+    carries_block_pruning,
+    get_algorithm,
+    register,
+)
+from .magnitude import Magnitude
+from .powerprop import BlockPowerProp, PowerPropagation
+from .sapp import BlockAttention, SequentialAttentionPP
+
+__all__ = [
+    "ACDC",
+    "ALGORITHMS",
+    "PRUNE_MODES",
+    "BlockAttention",
+    "BlockPowerProp",
+    "BlockReparam",
+    "Magnitude",
+    "PowerPropagation",
+    "PrunedLayer",
+    "PruningAlgorithm",
+    "SequentialAttentionPP",
+    "build_algorithm",
+    "carries_block_pruning",
+    "get_algorithm",
+    "register",
+]

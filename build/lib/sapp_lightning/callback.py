@@ -1,0 +1,293 @@
+"""The Lightning callback: a thin adapter that drives a :class:`~sapp_lightning.BlockSparsifier` from Trainer hooks.
+
+``BlockPruningHooks`` holds the hook bodies and touches the Trainer only through its public attributes, so the
+same code serves ``pytorch_lightning`` (:class:`BlockPruning`, here) and ``lightning.pytorch``
+(``sapp_lightning.lightning.BlockPruning``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+from torch import nn
+
+from .algorithms import PrunedLayer, PruningAlgorithm
+from .blocks import BlockSize
+from .events import Lifecycle, PruningEvent
+from .report import SparsityReport
+from .schedules import Phase, PhasePlan, StepSchedule
+from .sparsifier import BlockSparsifier
+
+log = logging.getLogger("sapp_lightning")
+
+
+def _from_sparsifier(name: str) -> Any:
+    return property(lambda self: getattr(self.sparsifier, name), doc=f"The sparsifier's ``{name}``.")
+
+
+class BlockPruningHooks:
+    """The hook bodies of :class:`BlockPruning`, for any Lightning ``Callback`` base class."""
+
+    def __init__(
+        self,
+        algorithm: str | PruningAlgorithm,
+        sparsity: float,
+        block_size: BlockSize,
+        min_blocks: int = 100,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        *,
+        plan: str | Sequence[Any] | PhasePlan = "imagenet",
+        schedule_exponent: float = 4.0,
+        prune_mode: str | None = None,
+        reset_optimizer: bool = True,
+        attention_clipping: bool | None = None,
+        logit_l2: float | None = None,
+        verify_masks_across_ranks: bool = True,
+        check_finite_every_n_steps: int = 100,
+        total_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.sparsifier = BlockSparsifier(
+            algorithm, sparsity, block_size, min_blocks, include, exclude, plan=plan,
+            schedule_exponent=schedule_exponent, prune_mode=prune_mode, reset_optimizer=reset_optimizer,
+            attention_clipping=attention_clipping, logit_l2=logit_l2,
+            check_finite_every_n_steps=check_finite_every_n_steps,
+        )  # fmt: skip
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)):
+            raise ValueError(f"total_steps must be an int >= 1 or None, got {total_steps!r}")
+        self.verify_masks_across_ranks = verify_masks_across_ranks
+        self.total_steps = total_steps
+        self.sparsifier.add_listener(lambda sparsifier, event: self._on_event(event))
+        self._trainer: Any = None
+        self._last_global_step = -1
+        self._epoch_batches = [0, 0]  # batches of this epoch seen, and those that stepped an optimizer
+
+    # --- what the sparsifier knows, under the callback's names ----------------------------------
+    @property
+    def state_key(self) -> str:
+        # One key whatever the arguments, so a checkpoint made with other arguments is found and
+        # reported as a mismatch instead of being silently skipped.
+        return "BlockPruning"
+
+    algorithm: PruningAlgorithm = _from_sparsifier("algorithm")
+    algorithm_name: str = _from_sparsifier("algorithm_name")
+    sparsity: float = _from_sparsifier("sparsity")
+    block_size: tuple[int, int] = _from_sparsifier("block_size")
+    min_blocks: int = _from_sparsifier("min_blocks")
+    include: list[str] = _from_sparsifier("include")
+    exclude: list[str] = _from_sparsifier("exclude")
+    plan: PhasePlan = _from_sparsifier("plan")
+    schedule_exponent: float = _from_sparsifier("schedule_exponent")
+    reset_optimizer: bool = _from_sparsifier("reset_optimizer")
+    check_finite_every_n_steps: int = _from_sparsifier("check_finite_every_n_steps")
+    layers: list[PrunedLayer] = _from_sparsifier("layers")
+    schedule: StepSchedule | None = _from_sparsifier("schedule")
+    phase: Phase | None = _from_sparsifier("phase")
+    segment_index: int | None = _from_sparsifier("segment_index")
+
+    def config(self) -> dict[str, Any]:
+        """The settings that must match for a checkpoint to resume (plain types only)."""
+        return self.sparsifier.config()
+
+    def report(self) -> SparsityReport:
+        """Block sparsity of the pruned layers, measured on their (effective) weights."""
+        return self.sparsifier.report()
+
+    def target_sparsity(self) -> float:
+        """The sparsity the plan asks for at the current step (0 in dense phases)."""
+        return self.sparsifier.target_sparsity()
+
+    def achieved_sparsity(self) -> float:
+        """Fraction of blocks masked out, over all pruned layers."""
+        return self.sparsifier.achieved_sparsity()
+
+    def commit(self) -> None:
+        """Fold masks (and SA++'s attention, PowerPropagation's scaling) into plain weights.
+
+        Called when ``trainer.fit`` returns; call it yourself after an interrupted fit. Idempotent.
+        """
+        self.sparsifier.commit()
+
+    # --- set-up -------------------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        if stage != "fit":
+            return
+        lifecycle = self.sparsifier.lifecycle
+        if lifecycle is Lifecycle.COMMITTED:
+            raise RuntimeError(
+                "this BlockPruning callback already committed a model at the end of an earlier fit; "
+                "create a new BlockPruning for another fit"
+            )
+        if lifecycle in (Lifecycle.PREPARED, Lifecycle.TRAINING):  # setup already ran for this fit (re-entrant)
+            return
+        if lifecycle is Lifecycle.FAILED:
+            raise RuntimeError(
+                "this BlockPruning callback already pruned a model in an earlier fit that did not finish (it raised "
+                "or was interrupted), and that model still carries its masks. Call commit() on it for plain weights, "
+                "or resume the run from a checkpoint with a fresh model, Trainer and BlockPruning"
+            )
+        self.sparsifier.prepare(pl_module)
+        self._trainer = trainer
+
+    def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
+        self.sparsifier.mark_failed()
+
+    def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        if self.sparsifier.lifecycle is Lifecycle.PREPARED:
+            self.sparsifier.attach(trainer.optimizers)
+        # The plan is laid out in on_train_start: estimated_stepping_batches sets the train dataloader up, and
+        # doing so before the checkpoint is restored drops a resumable dataloader's saved position
+        # (Lightning-AI/pytorch-lightning#20550), which breaks mid-epoch resumes.
+
+    def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        if self.sparsifier.lifecycle is not Lifecycle.PREPARED:
+            return
+        total = self.total_steps or trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("BlockPruning needs a finite training length: set max_epochs or max_steps")
+        self._last_global_step = trainer.global_step
+        self._started_phase(trainer, lambda: self.sparsifier.start(int(total)))
+
+    # --- training -----------------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module, optimizer: Any) -> None:
+        self.sparsifier.before_optimizer_step(optimizer)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._epoch_batches = [0, 0]
+
+    def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.sparsifier.lifecycle is not Lifecycle.TRAINING:
+            return
+        self._epoch_batches[0] += 1
+        step, delta = trainer.global_step, trainer.global_step - self._last_global_step
+        if delta == 0:  # accumulating gradients: no optimizer step yet
+            return
+        self._epoch_batches[1] += 1
+        self._last_global_step = step
+        if delta > 1 and self.sparsifier.steps_done == 0:
+            self._check_steps_per_batch(trainer, delta)
+        self._started_phase(trainer, self.sparsifier.step)
+        # Only where Lightning will write step metrics: each LightningModule.log costs milliseconds.
+        if trainer.loggers and trainer.log_every_n_steps and step % trainer.log_every_n_steps == 0:
+            metrics = {
+                "pruning/sparsity": self.achieved_sparsity(),
+                "pruning/target_sparsity": self.target_sparsity(),
+                "pruning/phase": float(self.phase if self.phase is not None else 0),
+            }
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
+
+    def _started_phase(self, trainer: Any, advance) -> None:
+        """Run ``advance`` (start or step); where it began a phase, check that all ranks agree on the masks."""
+        before = self.segment_index
+        advance()
+        if self.segment_index != before:
+            assert self.phase is not None
+            self.verify_masks(trainer, f"at the start of phase {self.segment_index} ({self.phase.name.lower()})")
+
+    def _check_steps_per_batch(self, trainer: Any, per_batch: int) -> None:
+        """Manual optimization with several optimizers: ``max_steps`` counts each optimizer's step."""
+        if self.total_steps is None and trainer.max_steps not in (-1, None):
+            batches = math.ceil(trainer.max_steps / per_batch)
+            if batches < self.schedule.total_steps:
+                raise ValueError(
+                    f"BlockPruning: each training batch steps {per_batch} optimizers, and "
+                    f"max_steps={trainer.max_steps} counts every optimizer's step, so training ends after {batches} "
+                    f"batches while the phase plan was laid over {self.schedule.total_steps}. Set max_epochs instead "
+                    "of max_steps, or pass "
+                    f"BlockPruning(total_steps={batches})."
+                )
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        seen, stepped = self._epoch_batches
+        manual = not getattr(pl_module, "automatic_optimization", True)
+        if manual and self.total_steps is None and 0 < stepped < seen and not trainer.should_stop:
+            raise ValueError(
+                f"BlockPruning: under manual optimization Lightning counts every training batch as a step "
+                f"(estimated_stepping_batches = {self.schedule.total_steps}), but only {stepped} of the {seen} batches "
+                f"of epoch {trainer.current_epoch} stepped an optimizer: the phase plan would run past the end of "
+                f"training. Pass BlockPruning(total_steps=...) with the number of batches that step the optimizers "
+                f"(about {math.ceil(self.schedule.total_steps * stepped / seen)})."
+            )
+
+    def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        if self.sparsifier.lifecycle is Lifecycle.TRAINING:
+            self.sparsifier.check_finite("when training ended")
+            self.verify_masks(trainer, "when training ended")
+
+    def verify_masks(self, trainer: Any, when: str) -> None:
+        """Compare mask checksums across ranks (one gather); called at every phase start and when training ends."""
+        if self.verify_masks_across_ranks and trainer.world_size > 1:
+            self.sparsifier.verify_masks(when, trainer.strategy.all_gather)
+
+    def _on_event(self, event: PruningEvent) -> None:
+        """At each phase end: per-layer sparsity straight to every logger (not thinned by ``log_every_n_steps``)."""
+        trainer = self._trainer
+        if event.kind != "phase_end" or trainer is None or not trainer.is_global_zero:
+            return
+        metrics = {f"pruning/layer/{s.name}": s.sparsity for s in self.sparsifier.layer_states()}
+        metrics["pruning/sparsity"] = self.achieved_sparsity()
+        metrics["pruning/phase"] = float(event.phase if event.phase is not None else 0)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    # --- the end and checkpoints --------------------------------------------------------------
+    def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        self.sparsifier.commit()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sparsifier.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sparsifier.load_state_dict(state_dict)
+
+
+class BlockPruning(BlockPruningHooks, pl.Callback):
+    """Make any LightningModule block-sparse while it trains (``pytorch_lightning``; for ``lightning.pytorch``
+    use ``sapp_lightning.lightning.BlockPruning``, the same callback).
+
+    At fit start the callback puts a per-block mask (and, for ``sapp`` and ``powerprop``, a reparametrized forward)
+    on every target layer; it then follows the phase plan step by step, resets the optimizer state at phase
+    boundaries, and when ``trainer.fit`` returns it commits plain weights whose pruned blocks are exact zeros. The
+    model's ``state_dict`` then has the same keys as before fit. The work is done by a
+    :class:`~sapp_lightning.BlockSparsifier` (``pruning.sparsifier``), which any other training loop can drive.
+
+    Args:
+        algorithm, sparsity, block_size, min_blocks, include, exclude, plan, schedule_exponent, prune_mode,
+            reset_optimizer, attention_clipping, logit_l2, check_finite_every_n_steps: as for
+            :class:`~sapp_lightning.BlockSparsifier`. ``algorithm`` is a name (``"sapp"``, ``"acdc"``,
+            ``"magnitude"``, ``"powerprop"``) or an object such as ``SequentialAttentionPP(logit_l2=1e-4)``.
+        verify_masks_across_ranks: in distributed runs, compare mask checksums across ranks at every phase
+            boundary and when training ends, and raise if they differ.
+        total_steps: the number of training steps the plan is laid over (one per batch that steps the
+            optimizers). Default: ``trainer.estimated_stepping_batches``. Needed only under manual optimization
+            when some batches step no optimizer (the callback raises after the first epoch, naming the value).
+
+    Resume, DDP, precision, ``torch.compile`` and odd states: see the README's "Reliability" section.
+
+    Example:
+        >>> import pytorch_lightning as pl, torch
+        >>> from sapp_lightning import BlockPruning
+        >>> class Model(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+        ...     def training_step(self, batch, _):
+        ...         x, y = batch
+        ...         return torch.nn.functional.mse_loss(self.net(x), y)
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.01)
+        >>> data = torch.utils.data.TensorDataset(torch.randn(64, 64), torch.randn(64, 1))
+        >>> model = Model()
+        >>> pruning = BlockPruning("sapp", sparsity=0.75, block_size=8, min_blocks=16)
+        >>> trainer = pl.Trainer(max_epochs=4, callbacks=[pruning], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=8))
+        >>> report = pruning.report()
+        >>> report["net.0"].zero_blocks, report["net.0"].num_blocks
+        (48, 64)
+    """

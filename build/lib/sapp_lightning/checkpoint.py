@@ -1,0 +1,120 @@
+"""Plain weights from a checkpoint written during training, without a model or this package's callback."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .algorithms import build_algorithm
+from .algorithms.base import MASK_SUFFIX
+from .blocks import BlockLayout
+from .sparsifier import METADATA_KEY
+
+LEGACY_CONFIG_KEY = "_block_pruning_config"  # state_dict entry of sapp_lightning 0.1 checkpoints
+CALLBACK_STATE_KEY = "BlockPruning"
+
+
+def _configs_by_root(checkpoint: Mapping[str, Any], state: Mapping[str, Any], config: Any) -> dict[str, dict]:
+    """``{prefix of the pruned model: its configuration}``, from the argument, the callback state, the
+    state_dict's metadata, or a legacy entry (in that order)."""
+    if config is not None:
+        return {"": dict(config.config() if hasattr(config, "config") else config)}
+    callback_state = (checkpoint.get("callbacks") or {}).get(CALLBACK_STATE_KEY)
+    if isinstance(callback_state, Mapping) and "config" in callback_state:
+        # saved after the commit: the weights are plain already
+        return {} if callback_state.get("lifecycle") == "committed" else {"": dict(callback_state["config"])}
+    metadata = getattr(state, "_metadata", None) or {}
+    found = {
+        (f"{module}." if module else ""): entry[METADATA_KEY]
+        for module, entry in metadata.items()
+        if isinstance(entry, Mapping) and METADATA_KEY in entry
+    }
+    found.update({key[: -len(LEGACY_CONFIG_KEY)]: state[key] for key in state if key.endswith(LEGACY_CONFIG_KEY)})
+    return found
+
+
+@torch.no_grad()
+def committed_state_dict(
+    checkpoint: str | os.PathLike | Mapping[str, Any], config: Mapping[str, Any] | Any | None = None
+) -> dict[str, torch.Tensor]:
+    """The plain state_dict that the commit would leave, from a checkpoint written during training.
+
+    A training checkpoint holds each pruned layer's raw weight, mask and (SA++) logits under parametrization
+    keys. This folds them exactly as the commit does (pruned blocks exact zeros, attention and PowerPropagation
+    scaling folded in) and returns a state_dict with the keys the model had before training, which loads into
+    the model without this package. On CPU the result is bit-identical to the commit's.
+
+    Args:
+        checkpoint: a path to a Lightning checkpoint (loaded on CPU, ``weights_only=False``: only open
+            checkpoints you trust), a loaded checkpoint (a dict with ``"state_dict"`` and the callback's state),
+            or a model state_dict (its metadata records the configuration when it came from ``model.state_dict()``).
+            One without BlockPruning state (e.g. already committed) is returned unchanged.
+        config: the pruning settings, for a state_dict that lost its metadata: ``BlockPruning.config()``,
+            ``BlockSparsifier.config()``, the ``"config"`` of the callback's saved state, or the object itself.
+
+    Example:
+        >>> import torch
+        >>> from sapp_lightning import committed_state_dict
+        >>> committed_state_dict({"state_dict": {"fc.weight": torch.ones(2, 2)}})["fc.weight"].shape
+        torch.Size([2, 2])
+    """
+    if isinstance(checkpoint, str | os.PathLike):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f"expected a checkpoint path, a checkpoint dict or a state_dict, got {type(checkpoint)!r}")
+    state = checkpoint["state_dict"] if isinstance(checkpoint.get("state_dict"), Mapping) else checkpoint
+    configs = _configs_by_root(checkpoint, state, config)
+    if not configs:
+        leftover = [k for k in state if ".parametrizations." in k or k.endswith(MASK_SUFFIX)]
+        if leftover:
+            raise ValueError(
+                f"the state_dict holds parametrization or mask entries ({leftover[0]!r}, ...) but no BlockPruning "
+                "configuration (it lost the metadata of model.state_dict()): pass the settings, "
+                "committed_state_dict(state_dict, config=pruning.config())"
+            )
+        return dict(state)
+    pending: dict[str, tuple[str, torch.Tensor]] = {}  # layer prefix -> (weight key, committed weight)
+    dropped = {key for key in state if key.endswith(LEGACY_CONFIG_KEY)}
+    for root, cfg in configs.items():
+        algorithm = build_algorithm(cfg["algorithm"], **_algorithm_options(cfg))
+        for name, kind in zip(cfg["layers"], cfg["kinds"]):
+            prefix = f"{root}{name}." if name else root
+            pending[prefix], used = _fold_layer(state, prefix, kind, cfg, algorithm)
+            dropped.update(used)
+    plain: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        # the weight comes first among a layer's entries, as in the model before training
+        prefix = next((p for p in pending if key.startswith(p)), None)
+        if prefix is not None:
+            weight_key, weight = pending.pop(prefix)
+            plain[weight_key] = weight
+        if key not in dropped:
+            plain[key] = value
+    return plain
+
+
+def _algorithm_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: cfg[key] for key in ("prune_mode", "attention_clipping") if key in cfg}
+
+
+def _fold_layer(state, prefix: str, kind: str, cfg, algorithm) -> tuple[tuple[str, torch.Tensor], list[str]]:
+    """One layer's committed weight: ``((its key, the tensor), the keys it replaces)``."""
+    param = "weight"
+    reparam_prefix = f"{prefix}parametrizations.{param}."
+    if reparam_prefix + "original" in state:
+        original = state[reparam_prefix + "original"]
+        layout = BlockLayout(kind, tuple(original.shape), tuple(cfg["block_size"]))
+        reparam = algorithm.make_reparam(layout, cfg["sparsity"])
+        if reparam is None:
+            raise ValueError(f"layer {prefix[:-1]!r} has a parametrization, but {cfg['algorithm']!r} uses none")
+        own = {k: state[f"{reparam_prefix}0.{k}"] for k in reparam.state_dict()}
+        reparam.load_state_dict(own)
+        used = [reparam_prefix + "original"] + [f"{reparam_prefix}0.{k}" for k in own]
+        return (prefix + param, reparam.to(original.device)(original)), used
+    weight, mask = state[prefix + param], state[prefix + param + MASK_SUFFIX]
+    layout = BlockLayout(kind, tuple(weight.shape), tuple(cfg["block_size"]))
+    folded = weight * layout.expand(mask.to(weight.dtype))
+    return (prefix + param, folded), [prefix + param, prefix + param + MASK_SUFFIX]

@@ -1,0 +1,129 @@
+"""Block sparsity of any model, per layer and in total."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .blocks import BlockLayout, BlockSize, normalize_block_size
+from .targets import candidate_layers, compile_patterns
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    name: str
+    num_blocks: int
+    zero_blocks: int
+    num_weights: int
+    zero_weights: int
+
+    @property
+    def block_sparsity(self) -> float:
+        return self.zero_blocks / self.num_blocks
+
+    @property
+    def weight_sparsity(self) -> float:
+        return self.zero_weights / self.num_weights
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Per-layer and total block sparsity; totals are over every layer listed."""
+
+    block_size: tuple[int, int]
+    layers: tuple[LayerSparsity, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(layer.num_blocks for layer in self.layers)
+
+    @property
+    def zero_blocks(self) -> int:
+        return sum(layer.zero_blocks for layer in self.layers)
+
+    @property
+    def block_sparsity(self) -> float:
+        return self.zero_blocks / max(1, self.num_blocks)
+
+    @property
+    def weight_sparsity(self) -> float:
+        """Weights inside all-zero blocks over all weights listed (the paper's "real sparsity")."""
+        return sum(layer.zero_weights for layer in self.layers) / max(
+            1, sum(layer.num_weights for layer in self.layers)
+        )
+
+    def __getitem__(self, name: str) -> LayerSparsity:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, float]:
+        """Flat ``{layer: block sparsity}`` with a ``"total"`` entry, handy for logging."""
+        return {**{layer.name: layer.block_sparsity for layer in self.layers}, "total": self.block_sparsity}
+
+    def format(self) -> str:
+        width = max([len(layer.name) for layer in self.layers] + [5])
+        lines = [f"{'layer':<{width}}  {'blocks':>8}  {'zero':>8}  {'block sp.':>9}  {'weight sp.':>10}"]
+        for layer in self.layers:
+            lines.append(
+                f"{layer.name:<{width}}  {layer.num_blocks:>8}  {layer.zero_blocks:>8}  "
+                f"{layer.block_sparsity:>9.2%}  {layer.weight_sparsity:>10.2%}"
+            )
+        lines.append(
+            f"{'total':<{width}}  {self.num_blocks:>8}  {self.zero_blocks:>8}  "
+            f"{self.block_sparsity:>9.2%}  {self.weight_sparsity:>10.2%}"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+@torch.no_grad()
+def measure_layer(name: str, weight: torch.Tensor, layout: BlockLayout) -> LayerSparsity:
+    """Count the all-zero blocks of one weight."""
+    zero = (layout.block_sq_norms(weight) == 0).cpu()
+    return LayerSparsity(
+        name=name,
+        num_blocks=layout.num_blocks,
+        zero_blocks=int(zero.sum()),
+        num_weights=layout.num_weights,
+        zero_weights=int(layout.block_weight_counts()[zero].sum()),
+    )
+
+
+@torch.no_grad()
+def block_sparsity(
+    model: nn.Module,
+    block_size: BlockSize,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    min_blocks: int = 0,
+) -> SparsityReport:
+    """Count all-zero blocks in each layer of ``model`` (the effective weight, while training too).
+
+    Layers are chosen as :class:`~sapp_lightning.BlockPruning` chooses them; ``min_blocks=0`` lists
+    every candidate, ``min_blocks=100`` only those the paper's rule would prune.
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(8, 4)
+        >>> with torch.no_grad():
+        ...     layer.weight[:, :4] = 0  # fan_in rows 0-3 of the kernel are zero
+        >>> report = block_sparsity(torch.nn.Sequential(layer), block_size=(4, 4))
+        >>> report["0"].zero_blocks, report["0"].num_blocks, report.block_sparsity
+        (1, 2, 0.5)
+    """
+    candidates = candidate_layers(
+        model, block_size, compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
+    )
+    layers = [
+        measure_layer(cand.name, cand.module.weight, cand.layout)
+        for cand in candidates
+        if cand.layout.num_blocks >= min_blocks
+    ]
+    return SparsityReport(normalize_block_size(block_size), tuple(layers))

@@ -1,0 +1,571 @@
+"""The Trainer-free core: :class:`BlockSparsifier` makes a model block-sparse from any training loop.
+
+Pure torch (no Lightning). The Lightning callback, Fabric, a plain loop and the Hugging Face integration all
+drive the same object:
+
+    prepare(model) -> attach(optimizers) -> start(total_steps)
+    -> per training step: backward, before_optimizer_step(optimizer), optimizer.step(), step()
+    -> commit()
+
+Example:
+    >>> import torch
+    >>> from sapp_lightning import BlockSparsifier
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    >>> sparsifier = BlockSparsifier("sapp", sparsity=0.75, block_size=8, min_blocks=16)
+    >>> [layer.name for layer in sparsifier.prepare(model)]
+    ['0']
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.01)   # after prepare: the logits are parameters now
+    >>> sparsifier.attach([optimizer])
+    >>> sparsifier.start(total_steps=40)
+    >>> for _ in range(40):
+    ...     loss = model(torch.randn(8, 64)).square().mean()
+    ...     loss.backward()
+    ...     sparsifier.before_optimizer_step(optimizer)
+    ...     optimizer.step()
+    ...     optimizer.zero_grad()
+    ...     sparsifier.step()
+    >>> sparsifier.commit()
+    >>> sparsifier.report()["0"].zero_blocks, sparsifier.lifecycle
+    (48, <Lifecycle.COMMITTED: 'committed'>)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .algorithms import PrunedLayer, PruningAlgorithm, build_algorithm, carries_block_pruning
+from .blocks import BlockSize, keep_count, normalize_block_size, top_k_mask
+from .distributed import AllGather, is_rank_zero, rank_zero_warn, torch_all_gather, verify_masks_agree, world_size
+from .events import LayerState, Lifecycle, PruningEvent
+from .report import SparsityReport, measure_layer
+from .schedules import Phase, PhasePlan, StepSchedule, exponential_sparsity
+from .targets import compile_patterns, select_layers
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 2
+#: where a prepared model's ``state_dict()`` records the configuration: its metadata, not an entry
+METADATA_KEY = "sapp_lightning.block_pruning"
+
+
+Listener = Callable[["BlockSparsifier", PruningEvent], None]
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside Lightning's ``LightningOptimizer`` or Fabric's ``_FabricOptimizer``."""
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+
+
+class BlockSparsifier:
+    """Owns the pruned layers, the algorithm, the phase plan and its position; any training loop drives it.
+
+    Args:
+        algorithm: ``"sapp"``, ``"acdc"``, ``"magnitude"``, ``"powerprop"``, or an algorithm object such as
+            ``SequentialAttentionPP(attention_clipping=False)`` (copied; its knobs stay on it).
+        sparsity: fraction of blocks removed in each pruned layer, ``0 <= sparsity < 1``. Each layer keeps
+            ``max(1, round((1 - sparsity) * n_blocks))`` blocks.
+        block_size: an int (square blocks) or ``(rows, cols)`` in the fan_in x fan_out kernel orientation
+            (Linear: ``weight.T``; Conv2d: ``weight.permute(2, 3, 1, 0)`` flattened to ``(kh * kw * cin, cout)``).
+            Edge blocks may be smaller; each counts as one block.
+        min_blocks: layers with fewer blocks stay dense (the paper uses 100).
+        include: regular expressions searched in module names; when given, only matching Linear, Conv2d and
+            Embedding modules are candidates. Default: every Linear and Conv2d (``groups == 1``).
+        exclude: regular expressions; matching modules are never pruned.
+        plan: ``"imagenet"`` or ``"criteo"`` (the paper's plan for the algorithm), a full plan name such as
+            ``"imagenet_acdc"``, or a list of ``(phase, fraction)`` pairs with phases ``"dense"``, ``"sparsify"``,
+            ``"sparse"`` and fractions of the training steps that add up to 1.
+        schedule_exponent: ``c`` of the exponential sparsification schedule.
+        prune_mode, attention_clipping, logit_l2: the algorithm's knobs when ``algorithm`` is a name (see
+            :class:`~sapp_lightning.algorithms.SequentialAttentionPP`); ``None`` keeps the algorithm's default,
+            and a knob the algorithm does not have is ignored.
+        reset_optimizer: clear the attached optimizers' state (momentum, Adam moments) at every phase boundary.
+        check_finite_every_n_steps: every this many steps, check the pruned weights (and SA++'s logits) for NaN
+            and infinity; they are also checked at every phase boundary and at the end. ``0``: only those.
+    """
+
+    def __init__(
+        self,
+        algorithm: str | PruningAlgorithm,
+        sparsity: float,
+        block_size: BlockSize,
+        min_blocks: int = 100,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        *,
+        plan: str | Sequence[Any] | PhasePlan = "imagenet",
+        schedule_exponent: float = 4.0,
+        prune_mode: str | None = None,
+        attention_clipping: bool | None = None,
+        logit_l2: float | None = None,
+        reset_optimizer: bool = True,
+        check_finite_every_n_steps: int = 100,
+    ) -> None:
+        self.algorithm = build_algorithm(
+            algorithm, prune_mode=prune_mode, attention_clipping=attention_clipping, logit_l2=logit_l2
+        )
+        if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        if isinstance(min_blocks, bool) or not isinstance(min_blocks, int) or min_blocks < 0:
+            raise ValueError(f"min_blocks must be an int >= 0, got {min_blocks!r}")
+        if not (isinstance(schedule_exponent, int | float) and schedule_exponent > 0):
+            raise ValueError(f"schedule_exponent must be > 0, got {schedule_exponent!r}")
+        every = check_finite_every_n_steps
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"check_finite_every_n_steps must be an int >= 0, got {every!r}")
+        self.sparsity = float(sparsity)
+        self.block_size = normalize_block_size(block_size)
+        self.min_blocks = min_blocks
+        self.include = [include] if isinstance(include, str) else list(include or [])
+        self.exclude = [exclude] if isinstance(exclude, str) else list(exclude or [])
+        self._include = compile_patterns(self.include, "include")
+        self._exclude = compile_patterns(self.exclude, "exclude")
+        self.plan = PhasePlan.parse(plan, self.algorithm.plan_kind)
+        self.schedule_exponent = float(schedule_exponent)
+        self.reset_optimizer = reset_optimizer
+        self.check_finite_every_n_steps = every
+
+        self.lifecycle = Lifecycle.NEW
+        self.layers: list[PrunedLayer] = []
+        self.skipped: list[tuple[str, int]] = []  # (layer, blocks): candidates under min_blocks
+        self.schedule: StepSchedule | None = None
+        self.steps_done = 0
+        self._segment_index: int | None = None
+        self._sparsify_start: list[float] = []
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._listeners: list[Listener] = []
+        self._hooks: list[Any] = []
+        self._saved_total_steps: int | None = None
+        self._warned_overrun = False
+
+    # --- where it stands ----------------------------------------------------------------------
+    @property
+    def algorithm_name(self) -> str:
+        return self.algorithm.name
+
+    @property
+    def phase(self) -> Phase | None:
+        """The phase of the next forward pass (``None`` before :meth:`start`)."""
+        return None if self._segment_index is None else self.plan.segments[self._segment_index].phase
+
+    @property
+    def segment_index(self) -> int | None:
+        """Which entry of ``plan.segments`` the next forward pass is in (``None`` before :meth:`start`)."""
+        return self._segment_index
+
+    def target_sparsity(self) -> float:
+        """The sparsity the plan asks for at the current step (0 in dense phases)."""
+        if self.schedule is None or self._segment_index is None:
+            return 0.0
+        position = self.schedule.locate(self.steps_done)
+        if position.phase is Phase.DENSE:
+            return 0.0
+        if position.phase is Phase.SPARSE:
+            return self.sparsity
+        start = sum(self._sparsify_start) / max(1, len(self._sparsify_start))
+        return exponential_sparsity(position.tau, self.sparsity, self.schedule_exponent, start=start)
+
+    def achieved_sparsity(self) -> float:
+        """Fraction of blocks masked out, over all pruned layers."""
+        total = sum(layer.layout.num_blocks for layer in self.layers)
+        return 1.0 - sum(layer.num_kept for layer in self.layers) / max(1, total)
+
+    def report(self) -> SparsityReport:
+        """Block sparsity of the pruned layers, measured on their (effective) weights."""
+        if not self.layers:
+            raise RuntimeError("report() lists the pruned layers, which are chosen when the model is prepared")
+        layers = tuple(measure_layer(layer.name, layer.effective_weight(), layer.layout) for layer in self.layers)
+        return SparsityReport(self.block_size, layers)
+
+    def config(self) -> dict[str, Any]:
+        """The settings that must match for a checkpoint to resume (plain types only)."""
+        return {
+            "algorithm": self.algorithm.name,
+            "sparsity": self.sparsity,
+            "block_size": list(self.block_size),
+            "min_blocks": self.min_blocks,
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            **self.algorithm.config(),
+            "plan": [list(pair) for pair in self.plan.to_pairs()],
+            "schedule_exponent": self.schedule_exponent,
+            "layers": [layer.name for layer in self.layers],
+            "kinds": [layer.layout.kind for layer in self.layers],
+        }
+
+    def summary(self) -> str:
+        """One line on what is pruned and what stays dense."""
+        text = (
+            f"BlockPruning({self.algorithm.name}): pruning {len(self.layers)} layer(s) to {self.sparsity:.1%} block "
+            f"sparsity with {self.block_size[0]}x{self.block_size[1]} blocks"
+        )
+        if self.skipped:
+            text += f"; {len(self.skipped)} layer(s) under {self.min_blocks} blocks stay dense"
+        return text
+
+    # --- observing ----------------------------------------------------------------------------
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(sparsifier, event)`` at every phase start and end and at the commit (before it)."""
+        self._listeners.append(listener)
+
+    @torch.no_grad()
+    def layer_states(self) -> list[LayerState]:
+        """Each pruned layer's mask and block importance, copied to the CPU."""
+        name = self.algorithm.importance_name
+        return [
+            LayerState(
+                layer.name,
+                layer.layout,
+                layer.mask.detach().cpu().clone(),
+                self.algorithm.block_importance(layer).detach().float().cpu(),
+                name,
+            )
+            for layer in self.layers
+        ]
+
+    def _emit(self, kind: str) -> None:
+        event = PruningEvent(kind, self.steps_done, self._segment_index, self.phase)  # type: ignore[arg-type]
+        for listener in self._listeners:
+            listener(self, event)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> list[PrunedLayer]:
+        """Choose the layers and put a per-block mask (and the algorithm's parametrization) on each.
+
+        Raises ``ValueError`` before touching the model when nothing can be pruned. Returns the pruned layers.
+        """
+        if self.lifecycle is Lifecycle.COMMITTED:
+            raise RuntimeError(
+                "this sparsifier already committed a model at the end of an earlier fit; create a new "
+                "BlockPruning / BlockSparsifier for another fit"
+            )
+        if self.lifecycle is not Lifecycle.NEW:
+            raise RuntimeError(
+                "this sparsifier already pruned a model in an earlier fit that did not finish (it raised or was "
+                "interrupted), and that model still carries its masks. Call commit() on it for plain weights, or "
+                "resume the run from a checkpoint with a fresh model and a fresh BlockPruning / BlockSparsifier"
+            )
+        chosen, small = select_layers(model, self.block_size, self.min_blocks, self._include, self._exclude)
+        already = [c.name for c in chosen if carries_block_pruning(c.module)]
+        if already:
+            raise ValueError(
+                f"layer(s) {', '.join(map(repr, already))} already carry the masks of another BlockPruning (from a "
+                "fit that did not finish?); call that callback's commit() first, or start from a fresh model"
+            )
+        self._warn_on_layers_that_stay_dense(chosen)
+        for cand in chosen:
+            reparam = self.algorithm.make_reparam(cand.layout, self.sparsity)
+            self.layers.append(PrunedLayer.inject(cand.name, cand.module, cand.layout, reparam, cand.param_name))
+        self.skipped = [(c.name, c.layout.num_blocks) for c in small]
+        self._sparsify_start = [0.0] * len(self.layers)
+        # torch tags hook objects, which bound methods do not allow: wrap them in functions
+        self._hooks = [
+            model.register_state_dict_post_hook(lambda *args: self._record_config(*args)),
+            model.register_load_state_dict_pre_hook(lambda *args: self._check_incoming_state(*args)),
+        ]
+        self.lifecycle = Lifecycle.PREPARED
+        if is_rank_zero():
+            log.info(self.summary())
+        return self.layers
+
+    def _warn_on_layers_that_stay_dense(self, chosen) -> None:
+        if self.sparsity <= 0:
+            return
+        dense = [c for c in chosen if keep_count(c.layout.num_blocks, self.sparsity) >= c.layout.num_blocks]
+        if dense:
+            listed = ", ".join(f"{c.name} ({c.layout.num_blocks} blocks)" for c in dense[:10])
+            more = f" and {len(dense) - 10} more" if len(dense) > 10 else ""
+            rank_zero_warn(
+                f"BlockPruning: sparsity {self.sparsity:g} rounds to 0 pruned blocks in {len(dense)} of the "
+                f"{len(chosen)} pruned layer(s), which stay dense: {listed}{more}. A layer of N blocks loses "
+                "a block from sparsity 1/N on: raise sparsity, use smaller blocks, or exclude those layers."
+            )
+
+    def attach(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Hand over the optimizers: they are reset at phase boundaries and train the algorithm's parameters.
+
+        SA++ adds its logits to the first optimizer when none holds them (with a warning).
+        """
+        self._require(Lifecycle.PREPARED, Lifecycle.TRAINING, action="attach(optimizers)")
+        self._optimizers = [unwrap_optimizer(opt) for opt in optimizers]
+        self.algorithm.attach(self.layers, self._optimizers)
+
+    def start(self, total_steps: int) -> None:
+        """Lay the plan over ``total_steps`` training steps (one per batch that steps the optimizers) and bring
+        the masks to where the plan puts step :attr:`steps_done` (0, or where a loaded state left off)."""
+        self._require(Lifecycle.PREPARED, action="start(total_steps)")
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be an int >= 1 (the number of training steps), got {total_steps!r}")
+        saved = self._saved_total_steps
+        if saved is not None and saved != total_steps:
+            raise ValueError(
+                f"the checkpoint comes from a run planned over {saved} optimizer steps, but this run has "
+                f"{total_steps} (max_epochs, max_steps, limit_train_batches, accumulate_grad_batches, "
+                "the number of devices or the dataset size changed): the phase plan would shift under the saved "
+                "masks. Resume with the same training length, or start a new run."
+            )
+        self.schedule = self.plan.resolve(total_steps)
+        empty = self.schedule.empty_segments()
+        if empty and self._segment_index is None:
+            rank_zero_warn(
+                f"BlockPruning: {len(empty)} of the plan's {len(self.plan.segments)} phases get no optimizer step "
+                f"in {total_steps} steps of training; they are skipped"
+            )
+        self.lifecycle = Lifecycle.TRAINING
+        self._advance(self.steps_done)
+
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Call right before ``optimizer.step()``, with complete and unscaled gradients (SA++: the logits' L2)."""
+        if self.lifecycle is Lifecycle.TRAINING:
+            self.algorithm.before_optimizer_step(unwrap_optimizer(optimizer))
+
+    def step(self) -> None:
+        """Call once per training step, after the optimizers stepped: moves the masks along the plan."""
+        self._require(Lifecycle.TRAINING, action="step()")
+        assert self.schedule is not None
+        self.steps_done += 1
+        if self.steps_done > self.schedule.total_steps and not self._warned_overrun:
+            self._warned_overrun = True
+            rank_zero_warn(
+                f"BlockPruning: training goes on past the {self.schedule.total_steps} steps the phase plan was laid "
+                "over: the plan finished early and the rest of training stays in its last phase. Give the real "
+                "number of training steps (one per batch that steps the optimizers)."
+            )
+        every = self.check_finite_every_n_steps
+        checked = bool(every) and self.steps_done % every == 0
+        if checked:  # before the masks move, so that scoring never sees the NaN first
+            self.check_finite(f"at step {self.steps_done}")
+        self._advance(self.steps_done, checked)
+
+    def commit(self) -> None:
+        """Fold masks (and SA++'s attention, PowerPropagation's scaling) into plain weights. Idempotent.
+
+        Warns when training stopped short of the plan or of the target sparsity, and when kept blocks ended
+        all zero (dead units).
+        """
+        if self.lifecycle in (Lifecycle.NEW, Lifecycle.COMMITTED):
+            return
+        self._emit("commit")
+        short = [
+            f"{layer.name} keeps {layer.num_kept} of {layer.layout.num_blocks} (target {target})"
+            for layer in self.layers
+            if layer.num_kept > (target := keep_count(layer.layout.num_blocks, self.sparsity))
+        ]
+        stopped = self.schedule is not None and self.steps_done < self.schedule.total_steps
+        for layer in self.layers:
+            layer.commit()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.lifecycle = Lifecycle.COMMITTED
+        if short:
+            where = (
+                f"training stopped after {self.steps_done} of the {self.schedule.total_steps} steps of the plan"
+                if stopped
+                else "stopped before the plan's final sparse phase?"
+            )
+            rank_zero_warn(
+                f"BlockPruning: training ended at {self.achieved_sparsity():.2%} block sparsity, below the target "
+                f"{self.sparsity:.2%}: {'; '.join(short[:10])} ({where})"
+            )
+        self._warn_on_dead_blocks()
+
+    def _warn_on_dead_blocks(self) -> None:
+        # committed pruned blocks are exact zeros, so any zero block beyond them is a kept one
+        dead = {
+            layer.name: (zeros, layer.num_kept)
+            for layer, measured in zip(self.layers, self.report().layers)
+            if (zeros := measured.zero_blocks - (layer.layout.num_blocks - layer.num_kept))
+        }
+        if not dead:
+            return
+        hint = (
+            " In prune_mode='zero' a unit whose incoming blocks were all pruned can stop receiving gradient "
+            "(with ReLU and a bias <= 0 it outputs 0), so its blocks never regrow; prune_mode='mask' keeps "
+            "their values."
+            if self.algorithm.zeroes_pruned_weights
+            else ""
+        )
+        rank_zero_warn(
+            f"BlockPruning: {sum(n for n, _ in dead.values())} kept blocks are all zero after training, so the "
+            "model is sparser than asked and those blocks are wasted: "
+            + "; ".join(f"{name}: {n} of {kept}" for name, (n, kept) in list(dead.items())[:10])
+            + "."
+            + hint
+        )
+
+    def mark_failed(self) -> None:
+        """Training stopped with an exception: the model keeps its masks until :meth:`commit`."""
+        if self.lifecycle in (Lifecycle.PREPARED, Lifecycle.TRAINING):
+            self.lifecycle = Lifecycle.FAILED
+
+    def _require(self, *allowed: Lifecycle, action: str) -> None:
+        if self.lifecycle not in allowed:
+            raise RuntimeError(
+                f"BlockSparsifier.{action} needs a sparsifier that is {' or '.join(s.value for s in allowed)}, "
+                f"but it is {self.lifecycle.value} (order: prepare -> attach -> start -> step ... -> commit)"
+            )
+
+    # --- the plan -----------------------------------------------------------------------------
+    def _advance(self, step: int, checked: bool = False) -> None:
+        """Bring the masks to where the plan says they are for the forward pass of ``step``.
+
+        Where a phase begins, the weights are checked for NaN and infinity first (unless ``checked``).
+        """
+        assert self.schedule is not None
+        position = self.schedule.locate(step)
+        if position.index != self._segment_index:
+            if not checked:
+                self.check_finite(f"at step {step}")
+            if self._segment_index is not None:  # a phase ended (not the start of training)
+                self._emit("phase_end")
+                if self.reset_optimizer:
+                    for optimizer in self._optimizers:
+                        optimizer.state.clear()
+            self._enter(position.phase, position.tau)
+            self._segment_index = position.index
+            self._emit("phase_start")
+        elif position.phase is Phase.SPARSIFY:
+            self._sparsify(position.tau)
+        if self.algorithm.zeroes_pruned_weights:
+            for layer in self.layers:
+                layer.zero_pruned_()
+
+    def _enter(self, phase: Phase, tau: float) -> None:
+        if phase is Phase.DENSE:
+            for layer in self.layers:
+                if layer.num_kept < layer.layout.num_blocks:
+                    layer.set_mask(torch.ones_like(layer.mask))
+        elif phase is Phase.SPARSIFY:
+            self._sparsify_start = [1.0 - layer.num_kept / layer.layout.num_blocks for layer in self.layers]
+            self._sparsify(tau)
+        else:
+            for layer in self.layers:
+                self._prune_to(layer, keep_count(layer.layout.num_blocks, self.sparsity))
+
+    def _sparsify(self, tau: float) -> None:
+        for layer, start in zip(self.layers, self._sparsify_start):
+            target = exponential_sparsity(tau, self.sparsity, self.schedule_exponent, start=start)
+            self._prune_to(layer, keep_count(layer.layout.num_blocks, target))
+
+    def _prune_to(self, layer: PrunedLayer, keep: int) -> None:
+        """Shrink the layer's kept set to ``keep`` blocks, dropping the lowest scores first."""
+        if keep >= layer.num_kept:
+            return
+        scores = self.algorithm.block_scores(layer)
+        if not torch.isfinite(scores).all():
+            raise FloatingPointError(
+                f"BlockPruning: layer {layer.name!r} has NaN or infinite block scores "
+                f"({'attention logits' if self.algorithm.importance_name == 'attention' else 'weights'}); "
+                "training diverged"
+            )
+        layer.set_mask(top_k_mask(scores, keep, eligible=layer.mask))
+
+    # --- checks -------------------------------------------------------------------------------
+    def check_finite(self, when: str) -> None:
+        """Raise ``FloatingPointError`` naming the layers whose weights or logits hold NaN or infinity."""
+        tensors = []
+        for layer in self.layers:
+            tensors.append((layer.name, "weight", layer.raw_weight))
+            tensors += [(layer.name, "attention logits", p) for p in self.algorithm.trainable_parameters(layer)]
+        if not tensors:
+            return
+        device = tensors[0][2].device
+        finite = torch.stack([torch.isfinite(t.detach()).all().to(device) for *_, t in tensors])
+        if bool(finite.all()):  # the one host sync
+            return
+        bad = [f"{name!r} ({what})" for (name, what, _), ok in zip(tensors, finite.tolist()) if not ok]
+        raise FloatingPointError(
+            f"BlockPruning: NaN or infinite values {when} in layer {', '.join(bad)}; training diverged "
+            "(lower the learning rate, clip gradients, or check the data)"
+        )
+
+    def verify_masks(self, when: str, all_gather: AllGather | None = None) -> None:
+        """Raise ``RuntimeError`` if the masks differ across ranks. ``all_gather`` defaults to
+        ``torch.distributed`` (nothing to check outside a distributed run)."""
+        if all_gather is None:
+            if world_size() <= 1:
+                return
+            all_gather = torch_all_gather
+        verify_masks_agree(self.layers, all_gather, when, self.steps_done)
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain, versioned state: the configuration and the position in the plan (masks live in the model)."""
+        return {
+            "version": STATE_VERSION,
+            "config": self.config(),
+            "lifecycle": self.lifecycle.value,
+            "steps_done": self.steps_done,
+            "segment_index": self._segment_index,
+            "sparsify_start": list(self._sparsify_start),
+            "total_steps": self.schedule.total_steps if self.schedule is not None else self._saved_total_steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the position in the plan, after :meth:`prepare` and with the model's own state loaded.
+
+        Refuses a state written with another configuration, naming each difference.
+        """
+        if state_dict.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"unsupported BlockPruning checkpoint state version {state_dict.get('version')!r} (this version "
+                f"reads {STATE_VERSION}); finish that run with the sapp_lightning that wrote it, or turn the "
+                "checkpoint into plain weights with committed_state_dict"
+            )
+        if state_dict.get("lifecycle") == Lifecycle.COMMITTED.value:
+            raise ValueError(
+                "this checkpoint was saved after BlockPruning committed the weights when fit returned: the run is "
+                "finished and cannot be resumed. Its state_dict holds plain pruned weights (load them with "
+                "model.load_state_dict); resume from a checkpoint written during training instead"
+            )
+        self._require(Lifecycle.PREPARED, action="load_state_dict(state)")
+        self.raise_on_config_difference(state_dict["config"])
+        self.steps_done = int(state_dict["steps_done"])
+        self._segment_index = state_dict["segment_index"]
+        self._sparsify_start = list(state_dict["sparsify_start"])
+        self._saved_total_steps = state_dict.get("total_steps")
+        for layer in self.layers:
+            layer.refresh_kept_count()
+
+    def raise_on_config_difference(self, saved: dict[str, Any]) -> None:
+        ours = self.config()
+        diffs = [
+            f"{key}: checkpoint {saved.get(key)!r}, this callback {ours[key]!r}"
+            for key in ours
+            if saved.get(key) != ours[key]
+        ]
+        if diffs:
+            raise ValueError(
+                "the checkpoint was written with a different BlockPruning configuration; "
+                + "; ".join(diffs)
+                + ". Resume with the same settings, or start a new run."
+            )
+
+    def _record_config(self, module, state_dict, prefix, local_metadata) -> None:
+        local_metadata[METADATA_KEY] = self.config()
+
+    def _check_incoming_state(self, module, state_dict, prefix, local_metadata, *args) -> None:
+        saved = local_metadata.get(METADATA_KEY)
+        if saved is not None:
+            self.raise_on_config_difference(saved)
+            return
+        expected = [key for layer in self.layers for key in layer.state_keys(_layer_prefix(prefix, layer.name))]
+        if not any(key in state_dict for key in expected):
+            raise ValueError(
+                "the model is being trained with BlockPruning, but this state_dict holds no BlockPruning "
+                "configuration (no masks for the pruned layers): it was saved by a run without BlockPruning, or "
+                "after BlockPruning committed the weights when fit returned (a finished run, which cannot be "
+                "resumed). Load such plain weights into the model before training (model.load_state_dict or "
+                "Model.load_from_checkpoint) to start a new run from them, or resume from a checkpoint written "
+                "during training (e.g. ModelCheckpoint's last.ckpt)"
+            )
+
+
+def _layer_prefix(prefix: str, name: str) -> str:
+    return f"{prefix}{name}." if name else prefix

@@ -1,0 +1,143 @@
+"""``sapp-train``: the Hydra entry point over ``conf/`` and ``recipes/``.
+
+Examples (see the README and each recipe's first line)::
+
+    sapp-train recipe=resnet50_imagenet pruning=sapp pruning.sparsity=0.9 pruning.block_size=16
+    sapp-train recipe=criteo_paper pruning=acdc pruning.sparsity=0.95 pruning.block_size=10
+    sapp-train -m recipe=criteo_paper pruning=sapp,acdc,magnitude,powerprop pruning.sparsity=0.9,0.95 seed=0,1,2
+    sapp-train pruning=dense           # the dense baseline
+    sapp-train recipe=criteo_paper --cfg job   # print the composed config
+
+Each run writes ``results.json`` into its output folder; ``python -m sapp_lightning.results DIR``
+gathers a sweep into a table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+try:
+    import hydra
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+except ImportError as err:  # pragma: no cover - depends on the installation
+    raise SystemExit(f"sapp-train needs the app extra: pip install 'sapp_lightning[app]' ({err})") from err
+import pytorch_lightning as pl
+
+from . import BlockPruning, block_sparsity
+from .app.configs import CONFIG_DIR
+
+log = logging.getLogger(__name__)
+
+
+def build_pruning(cfg: DictConfig) -> BlockPruning | None:
+    """The ``pruning`` group instantiated (``_target_: sapp_lightning.BlockPruning``), or ``None`` where its
+    ``_target_`` is null (``pruning=dense``, the dense baseline)."""
+    return instantiate(cfg, _convert_="all") if cfg.get("_target_") else None
+
+
+def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningModule:
+    """The network (sized from the data) inside the task's LightningModule."""
+    make_net = instantiate(cfg.model.net)
+    make_module = instantiate(cfg.model.module)
+    if cfg.model.task == "classification":
+        net = make_net(input_shape=tuple(datamodule.input_shape), num_classes=datamodule.num_classes)
+        return make_module(net=net, num_classes=datamodule.num_classes)
+    if cfg.model.task == "ctr":
+        if getattr(datamodule, "cardinalities", None) is None:  # some data sets know them only after setup
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+        net = make_net(num_dense=datamodule.num_dense, cardinalities=list(datamodule.cardinalities))
+        return make_module(net=net)
+    raise ValueError(f"unknown model.task {cfg.model.task!r}; expected 'classification' or 'ctr'")
+
+
+def wandb_has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def build_loggers(cfg: DictConfig) -> list[pl.loggers.Logger]:
+    loggers = []
+    for name, logger_cfg in (cfg or {}).items():
+        if name == "wandb" and logger_cfg.get("offline") is None:
+            offline = not wandb_has_api_key()
+            if offline:
+                log.info("W&B: no API key configured, logging offline (sync later with `wandb sync`)")
+            logger_cfg = OmegaConf.merge(logger_cfg, {"offline": offline})
+        loggers.append(instantiate(logger_cfg))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig, pruning: BlockPruning | None, has_logger: bool) -> list[pl.Callback]:
+    callbacks = [instantiate(c) for c in (cfg or {}).values()]
+    if not has_logger:  # LearningRateMonitor refuses to run without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+    return callbacks + ([pruning] if pruning is not None else [])
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train one configuration and return (and save) its results."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg, datamodule)
+    pruning = build_pruning(cfg.pruning)
+    loggers = build_loggers(cfg.logger)
+    callbacks = build_callbacks(cfg.callbacks, pruning, has_logger=bool(loggers))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - started
+    val_metrics = _floats(trainer.callback_metrics)
+    test_metrics = _floats(trainer.test(module, datamodule=datamodule)[0]) if cfg.test else {}
+
+    report = None
+    if pruning is not None:  # measured on the module: under ddp_spawn this process's callback never trained
+        p = cfg.pruning
+        report = block_sparsity(module, p.block_size, include=p.include, exclude=p.exclude, min_blocks=p.min_blocks)
+        log.info("block sparsity after fit:\n%s", report.format())
+    results = {
+        "name": cfg.name,
+        "algorithm": cfg.pruning.algorithm,
+        "sparsity": float(cfg.pruning.sparsity) if pruning else 0.0,
+        "block_size": cfg.pruning.block_size,
+        "seed": cfg.seed,
+        "data": cfg.data._target_.rsplit(".", 1)[-1],
+        "model": cfg.model.net._target_.rsplit(".", 1)[-1],
+        "task": cfg.model.task,
+        "val": {k: v for k, v in val_metrics.items() if k.startswith("val/")},
+        "test": test_metrics,
+        "achieved_block_sparsity": report.block_sparsity if report else 0.0,
+        "achieved_weight_sparsity": report.weight_sparsity if report else 0.0,
+        "pruned_layers": [layer.name for layer in report.layers] if report else [],
+        "fit_seconds": fit_seconds,
+        "steps": trainer.global_step,
+    }
+    if trainer.is_global_zero:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns the validation metric so sweepers can optimize it."""
+    results = run(cfg)
+    key = "val/acc" if cfg.model.task == "classification" else "val/loss"
+    return results["val"].get(key)
+
+
+if __name__ == "__main__":
+    main()
