@@ -8,8 +8,9 @@ Examples (see the README and each recipe's first line)::
     sapp-train pruning=dense           # the dense baseline
     sapp-train recipe=criteo_paper --cfg job   # print the composed config
 
-Each run writes ``results.json`` into its output folder; ``python -m sapp_lightning.results DIR``
-gathers a sweep into a table.
+Each run writes ``results.json`` and the committed weights (``model.pt``) into its output folder;
+``python -m sapp_lightning.results DIR`` gathers a sweep into a table. ``ckpt_path=PATH`` or ``ckpt_path=last``
+(with the run's own ``hydra.run.dir``) resumes a run.
 """
 
 from __future__ import annotations
@@ -28,8 +29,19 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the installation
     raise SystemExit(f"sapp-train needs the app extra: pip install 'sapp_lightning[app]' ({err})") from err
 import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.environments import SLURMEnvironment
 
 from . import BlockPruning, block_sparsity
+from .app.checkpoints import (
+    AtomicCheckpointIO,
+    Preempted,
+    RequeueOnSignal,
+    RunConfig,
+    check_checkpoint,
+    checkpoint_dir,
+    resolve_ckpt_path,
+)
 from .app.configs import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -87,17 +99,45 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train one configuration and return (and save) its results."""
+def check_accelerator(cfg: DictConfig) -> None:
+    """A recipe that trains on GPUs says so on a machine without one, with the override that runs on the CPU."""
+    if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
+        recipe = cfg.get("name") or "this configuration"
+        raise SystemExit(
+            f"{recipe} trains on GPUs (trainer.accelerator=gpu, e.g. trainer=ddp) and this machine has none: add "
+            "trainer=cpu to run it on the CPU (slowly), or run it where CUDA is available"
+        )
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list) -> pl.Trainer:
+    """The Trainer with atomic checkpoint writes; on SLURM, requeueing on the warning signal (``slurm.*``)."""
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect() and cfg.slurm.requeue:
+        plugins.append(SLURMEnvironment(auto_requeue=False))  # RequeueOnSignal saves at a batch boundary
+        callbacks = [*callbacks, RequeueOnSignal(checkpoint_dir(cfg), cfg.slurm.signal)]
+    callbacks = [*callbacks, RunConfig(cfg)]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    """Train one configuration and return (and save) its results; ``None`` when SLURM preempted it (requeued)."""
+    check_accelerator(cfg)
+    ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path is not None:
+        check_checkpoint(ckpt_path, cfg)
+        log.info("resuming from %s", ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
     pruning = build_pruning(cfg.pruning)
     loggers = build_loggers(cfg.logger)
-    callbacks = build_callbacks(cfg.callbacks, pruning, has_logger=bool(loggers))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg, build_callbacks(cfg.callbacks, pruning, has_logger=bool(loggers)), loggers)
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except Preempted as stop:
+        log.info("preempted: %s; the requeued job resumes from this run folder", stop)
+        return None
     fit_seconds = time.perf_counter() - started
     val_metrics = _floats(trainer.callback_metrics)
     test_metrics = _floats(trainer.test(module, datamodule=datamodule)[0]) if cfg.test else {}
@@ -127,6 +167,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        torch.save(module.state_dict(), out / "model.pt")  # the committed weights: plain tensors, no callback state
         (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -136,7 +177,7 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the validation metric so sweepers can optimize it."""
     results = run(cfg)
     key = "val/acc" if cfg.model.task == "classification" else "val/loss"
-    return results["val"].get(key)
+    return None if results is None else results["val"].get(key)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,23 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
 
+def planned_steps(trainer: pl.Trainer) -> int:
+    """``trainer.estimated_stepping_batches``, counted on a loader of the datamodule's own.
+
+    Asking the Trainer from ``configure_optimizers`` sets its train dataloader up before a checkpoint is restored,
+    and a resumable loader then starts its epoch over (Lightning-AI/pytorch-lightning#20550): a run resumed from a
+    mid-epoch checkpoint would see other batches than the uninterrupted one.
+    """
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None or not trainer.max_epochs or trainer.max_epochs < 0:
+        return max(1, int(trainer.estimated_stepping_batches))
+    batches = len(datamodule.train_dataloader())
+    limit = trainer.limit_train_batches
+    batches = min(batches, int(limit)) if isinstance(limit, int) else int(batches * limit)
+    steps = math.ceil(batches / trainer.accumulate_grad_batches) * trainer.max_epochs
+    return max(1, min(steps, trainer.max_steps) if trainer.max_steps not in (-1, None) else steps)
+
+
 def _param_groups(module: nn.Module, weight_decay: float, lr: float, logit_lr_scale: float = 1.0) -> list[dict]:
     """Weight decay on matrices and kernels (SA++'s logits included, as in the paper); none on biases and norms.
 
@@ -97,7 +114,7 @@ class ImageClassifier(pl.LightningModule):
             lr = hp.lr * global_batch / hp.lr_reference_batch
         groups = _param_groups(self, hp.weight_decay, lr, hp.logit_lr_scale)
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = planned_steps(self.trainer)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
         warmup = round(total * hp.warmup_epochs / epochs) if epochs else 0
 
@@ -155,7 +172,7 @@ class CTRModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = planned_steps(self.trainer)
         ratio = hp.final_lr / hp.lr
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ratio ** min(1.0, step / total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

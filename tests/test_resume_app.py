@@ -1,0 +1,186 @@
+"""sapp-train survives faults: killed and resumed equals uninterrupted, SLURM requeues on its warning signal,
+damaged checkpoints and changed settings are refused before training, writes are atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datagen import make_fashion_dir
+from test_app import compose_cfg
+
+from sapp_lightning.app.checkpoints import AtomicCheckpointIO
+from sapp_lightning.train import run
+
+TESTS = Path(__file__).resolve().parent
+# 100 images, 20 for validation, batches of 16: 5 steps per epoch, 4 epochs
+SETTINGS = ["recipe=fashion_mnist_demo", "pruning=sapp", "trainer.max_epochs=4", "data.batch_size=16"]
+SETTINGS += ["data.val_size=20", "logger=none", "trainer.enable_progress_bar=false", "~callbacks.mask_heatmaps"]
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fashion")
+    make_fashion_dir(folder, n_train=100, n_test=20)
+    return folder
+
+
+def train(run_dir: Path, fashion: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "sapp_lightning.train", *SETTINGS, f"data.data_dir={fashion}"]
+    cmd += [f"hydra.run.dir={run_dir}", *extra]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(cmd, capture_output=True, text=True, env=environment | (env or {}), cwd=run_dir.parent)
+
+
+def outcome(run_dir: Path) -> tuple[dict, dict]:
+    results = json.loads((run_dir / "results.json").read_text())
+    return torch.load(run_dir / "model.pt", weights_only=True), {"val": results["val"], "test": results["test"]}
+
+
+def assert_same_outcome(a: Path, b: Path) -> None:
+    (weights_a, metrics_a), (weights_b, metrics_b) = outcome(a), outcome(b)
+    assert list(weights_a) == list(weights_b) and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert metrics_a == metrics_b
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, fashion):
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    done = train(run_dir, fashion)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "where, checkpoints, kill_after",
+    [
+        ("epoch end", [], 6),  # every epoch: the newest checkpoint is step 5, the end of epoch 0
+        ("mid-epoch", ["callbacks.checkpoint.every_n_train_steps=3", "callbacks.checkpoint.every_n_epochs=null"], 7),
+    ],
+)
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, fashion, uninterrupted, where, checkpoints, kill_after):
+    run_dir = tmp_path / "run"
+    killed = train(run_dir, fashion, *checkpoints, "+callbacks.fault._target_=app_faults.KillAfter",
+                   f"+callbacks.fault.step={kill_after}")  # fmt: skip
+    assert killed.returncode == -9 and not (run_dir / "results.json").exists()
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == (5 if where == "epoch end" else 6)
+    resumed = train(run_dir, fashion, *checkpoints, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert_same_outcome(run_dir, uninterrupted)
+
+
+def test_slurm_warning_signal_saves_requeues_and_the_requeued_job_resumes(tmp_path, fashion, uninterrupted):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "sapp", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+             "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    run_dir = tmp_path / "run"
+    first = train(
+        run_dir, fashion, "+callbacks.fault._target_=app_faults.SignalAt", "+callbacks.fault.step=8", env=slurm
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert not (run_dir / "results.json").exists()
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+    requeued = train(run_dir, fashion, env=slurm | {"SLURM_RESTART_COUNT": "1"})
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert "resuming from" in requeued.stdout + requeued.stderr
+    assert_same_outcome(run_dir, uninterrupted)
+
+
+@pytest.fixture
+def finished_run(tmp_path, fashion):
+    """An in-process run of 2 epochs: checkpoints after each epoch and last.ckpt."""
+    overrides = [*SETTINGS, "trainer.max_epochs=2", f"data.data_dir={fashion}", "test=false"]
+    run(compose_cfg(overrides, tmp_path / "run"))
+    return overrides, tmp_path / "run" / "checkpoints"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupted"])
+def test_a_damaged_checkpoint_fails_before_training_naming_the_file_and_the_previous_one(
+    tmp_path, finished_run, damage
+):
+    overrides, folder = finished_run
+    last = folder / "last.ckpt"
+    data = last.read_bytes()
+    if damage == "truncated":
+        last.write_bytes(data[: len(data) // 2])
+    else:
+        middle = len(data) // 2
+        last.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 4096]) + data[middle + 4096 :])
+    with pytest.raises(ValueError, match=rf"checkpoint {last} cannot be read .* damaged or was cut off") as error:
+        run(compose_cfg([*overrides, "ckpt_path=last"], tmp_path / "run"))
+    assert f"ckpt_path={folder / 'epoch1-step10.ckpt'}" in str(error.value)
+
+
+def test_resuming_with_other_settings_names_each_difference(tmp_path, finished_run):
+    overrides, _ = finished_run
+    changed = [*overrides, "ckpt_path=last", "data.batch_size=8", "seed=1", "data.num_workers=1"]
+    with pytest.raises(
+        ValueError, match="written by a run with other settings: data.batch_size: checkpoint 16, this "
+    ) as e:
+        run(compose_cfg(changed, tmp_path / "run"))
+    assert "; seed: checkpoint 0, this run 1. Resume with the same settings" in str(e.value)
+    assert "num_workers" not in str(e.value)  # does not change results
+
+
+def test_ckpt_path_last_without_a_checkpoint_names_the_run_folder(tmp_path, fashion):
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=last: there is no .*last.ckpt. Resume with the run's own"):
+        run(compose_cfg([*SETTINGS, f"data.data_dir={fashion}", "ckpt_path=last"], tmp_path / "empty"))
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+
+    def crash(obj, target):
+        Path(target).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_a_gpu_recipe_on_a_cpu_machine_names_the_override(tmp_path):
+    with pytest.raises(SystemExit, match="resnet50_imagenet trains on GPUs .* add trainer=cpu"):
+        run(compose_cfg(["recipe=resnet50_imagenet"], tmp_path))
+
+
+@pytest.mark.parametrize(
+    "trainer_options",
+    [{}, {"limit_train_batches": 3}, {"limit_train_batches": 0.5, "accumulate_grad_batches": 2}, {"max_steps": 7}],
+)
+def test_the_modules_plan_their_learning_rate_over_what_lightning_estimates(tmp_path, fashion, trainer_options):
+    import pytorch_lightning as pl
+
+    from sapp_lightning.data import FashionMNISTDataModule
+    from sapp_lightning.models import MLP, ImageClassifier
+    from sapp_lightning.models.lightning import planned_steps
+
+    class Compare(pl.Callback):
+        def on_train_start(self, trainer, pl_module):  # after setup: estimated_stepping_batches is safe to ask here
+            self.pair = (planned_steps(trainer), trainer.estimated_stepping_batches)
+
+    compare = Compare()
+    datamodule = FashionMNISTDataModule(data_dir=fashion, batch_size=16, val_size=20)
+    module = ImageClassifier(MLP((1, 28, 28), 10, hidden=[16]), num_classes=10)
+    options = dict(
+        max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[compare]
+    )
+    pl.Trainer(**options | trainer_options, limit_val_batches=0).fit(module, datamodule=datamodule)
+    assert compare.pair[0] == compare.pair[1]
