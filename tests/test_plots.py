@@ -90,7 +90,7 @@ def results_json(folder: Path, algorithm: str, sparsity: float, block: int, seed
         "name": "demo", "algorithm": algorithm, "sparsity": sparsity, "block_size": block, "seed": seed,
         "data": "FashionMNISTDataModule", "model": "MLP", "task": task, "val": val, "test": {},
         "achieved_block_sparsity": sparsity, "achieved_weight_sparsity": sparsity,
-        "pruned_layers": ["net.1"] if algorithm != "none" else [], "fit_seconds": 1.0, "steps": 100,
+        "pruned_layers": ["net.1"] if algorithm not in ("none", "dense") else [], "fit_seconds": 1.0, "steps": 100,
     } | extra  # fmt: skip
     (folder / "results.json").write_text(json.dumps(row))
     return folder
@@ -300,7 +300,7 @@ def test_result_series_averages_seeds_and_keeps_min_max():
     records = records_from_jsonl(write_jsonl(Path(__import__("tempfile").mkdtemp()) / "x.jsonl", jsonl_rows()))
     series = result_series(records, "acc")
     assert sorted(series) == [0, 8, 16]
-    (point,) = series[0]["none"]
+    (point,) = series[0]["dense"]
     assert (point.mean, point.low, point.high, point.n) == (89.0, 88.0, 90.0, 3)
     sapp = series[16]["sapp"]
     assert [p.sparsity for p in sapp] == [0.7, 0.9]
@@ -347,7 +347,7 @@ def test_a_jsonl_with_only_ablation_rows_says_so(tmp_path):
 
 def criteo_sweep(root: Path) -> Path:
     for seed in range(2):
-        results_json(root / f"dense{seed}", "none", 0.0, 10, seed, 0.45, task="ctr", data="CriteoDataModule",
+        results_json(root / f"dense{seed}", "dense", 0.0, 10, seed, 0.45, task="ctr", data="CriteoDataModule",
                      model="CriteoPaperNet", val={"val/auroc": 0.79})  # fmt: skip
         for block in (5, 10):
             for sparsity in (0.9, 0.95):
@@ -411,7 +411,8 @@ def test_a_diverged_method_is_marked_at_the_edge_instead_of_stretching_the_axis(
 
 # --- sweeps: the results CLI ----------------------------------------------------------------------------------------
 def fake_demo_sweep(root: Path) -> Path:
-    """``runs/demo`` as ``make demo`` leaves it: one folder per method, CSV logs for the pruned ones."""
+    """``runs/demo`` as ``make demo`` leaves it: one folder per method, CSV logs for the pruned ones (the dense
+    run as sapp_lightning 0.1 names it, "none"; the Criteo sweep uses "dense")."""
     for i, (algorithm, acc) in enumerate([("none", 0.88), ("sapp", 0.85), ("acdc", 0.84), ("magnitude", 0.7),
                                           ("powerprop", 0.72)]):  # fmt: skip
         run = results_json(root / str(i), algorithm, 0.9, 16, 0, acc)

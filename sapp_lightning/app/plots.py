@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..paper import CRITEO_DENSE_LOSS, IMAGENET_DENSE_TOP1, paper_value
-from ..results import METHOD_NAMES, METHOD_ORDER, load_results
+from ..results import load_results
 
 if TYPE_CHECKING:  # matplotlib is an optional extra
     from matplotlib.axes import Axes
@@ -56,15 +56,24 @@ if TYPE_CHECKING:  # matplotlib is an optional extra
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'sapp_lightning[app]'"
+# The dense baseline is "dense" here; results.json files of sapp_lightning 0.1 call it "none" (mapped on reading).
+METHOD_ORDER = ("dense", "magnitude", "powerprop", "acdc", "sapp")
+METHOD_NAMES = {
+    "dense": "Dense",
+    "magnitude": "Magnitude",
+    "powerprop": "PowerPropagation",
+    "acdc": "ACDC",
+    "sapp": "SA++",
+}
 # Okabe-Ito colours (distinguishable with the common colour-vision deficiencies), one per method in every figure.
 METHOD_COLORS = {
-    "none": "#000000",
+    "dense": "#000000",
     "magnitude": "#CC79A7",
     "powerprop": "#009E73",
     "acdc": "#0072B2",
     "sapp": "#D55E00",
 }
-METHOD_MARKERS = {"none": "s", "magnitude": "v", "powerprop": "^", "acdc": "o", "sapp": "D"}
+METHOD_MARKERS = {"dense": "s", "magnitude": "v", "powerprop": "^", "acdc": "o", "sapp": "D"}
 PHASE_NAMES = {0: "dense", 1: "sparsify", 2: "sparse"}
 # Opaque pale band colours (no alpha), so that a band's pixels have exactly this colour in the PNG.
 PHASE_COLORS = {0: "#e9e9e9", 1: "#fbe7b5", 2: "#d2e3f3"}
@@ -422,15 +431,16 @@ def records_from_results(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
     """Flatten ``results.json`` dicts (``sapp_lightning.results.load_results``) into plot records."""
     out = []
     for r in rows:
+        method = "dense" if r["algorithm"] in ("none", "dense") else r["algorithm"]
         val = r.get("val", {})
         metrics = {"acc": val.get("val/acc"), "loss": val.get("val/loss"), "auroc": val.get("val/auroc")}
         if metrics["acc"] is not None:
             metrics["acc"] *= 100.0
         out.append(
             {
-                "method": r["algorithm"],
-                "sparsity": float(r["sparsity"]) if r["algorithm"] != "none" else 0.0,
-                "block": int(r["block_size"]) if r["algorithm"] != "none" else 0,
+                "method": method,
+                "sparsity": float(r["sparsity"]) if method != "dense" else 0.0,
+                "block": int(r["block_size"]) if method != "dense" else 0,
                 "seed": r.get("seed"),
                 "task": r.get("task", "classification"),
                 "data": r.get("data", ""),
@@ -464,7 +474,7 @@ def records_from_jsonl(path: str | Path) -> list[dict[str, Any]]:
         metrics = {"acc": r.get("val_acc"), "loss": r.get("val_loss"), "auroc": r.get("val_auroc")}
         out.append(
             {
-                "method": "none" if r["method"] == "dense" else r["method"],
+                "method": r["method"],
                 "sparsity": float(r["sparsity"]),
                 "block": int(r["block"]),
                 "seed": r.get("seed"),
@@ -502,7 +512,7 @@ class Point:
 
 
 def result_series(records: Sequence[dict[str, Any]], metric: str) -> dict[int, dict[str, list[Point]]]:
-    """``{block: {method: [Point per sparsity, ascending]}}`` of the pruned runs, and ``{0: {"none": [...]}}`` for
+    """``{block: {method: [Point per sparsity, ascending]}}`` of the pruned runs, and ``{0: {"dense": [...]}}`` for
     the dense ones; ``low``/``high`` are the seeds' minimum and maximum.
 
     Example:
@@ -513,7 +523,7 @@ def result_series(records: Sequence[dict[str, Any]], metric: str) -> dict[int, d
     groups: dict[tuple[int, str, float], list[float]] = defaultdict(list)
     for r in records:
         if r.get(metric) is not None and math.isfinite(r[metric]):
-            block = 0 if r["method"] == "none" else r["block"]
+            block = 0 if r["method"] == "dense" else r["block"]
             groups[(block, r["method"], round(r["sparsity"], 6))].append(float(r[metric]))
     out: dict[int, dict[str, list[Point]]] = defaultdict(lambda: defaultdict(list))
     for (block, method, sparsity), values in sorted(groups.items()):
@@ -569,11 +579,11 @@ def result_figure(
     blocks = sorted({b for s in series.values() for b in s if b != 0})
     if not blocks:
         raise ValueError("no pruned runs to plot (only the dense model)")
-    levels = sorted({r["sparsity"] for r in records if r["method"] != "none"})
+    levels = sorted({r["sparsity"] for r in records if r["method"] != "dense"})
     methods = [m for m in METHOD_ORDER[1:] if any(r["method"] == m for r in records)]
     methods += sorted({r["method"] for r in records} - set(METHOD_ORDER))
     layers_by_block = {
-        b: sorted({name for r in records if r["block"] == b and r["method"] != "none" for name in r["pruned_layers"]})
+        b: sorted({name for r in records if r["block"] == b and r["method"] != "dense" for name in r["pruned_layers"]})
         for b in blocks
     }
     show_layers = len({tuple(v) for v in layers_by_block.values()}) > 1
@@ -588,7 +598,7 @@ def result_figure(
     offsets = {m: (i - (len(methods) - 1) / 2) * dodge for i, m in enumerate(methods)}
     for row, metric in enumerate(metrics):
         data = series[metric]
-        dense = data.get(0, {}).get("none", [])
+        dense = data.get(0, {}).get("dense", [])
         limits = _focus_limits(data, dense, HIGHER_IS_BETTER[metric])
         with_paper = _paper_metric(setting, metric)
         for col, block in enumerate(blocks):
@@ -598,7 +608,7 @@ def result_figure(
             if dense:
                 d = dense[0]
                 ax.axhspan(d.low, d.high, color="#000000", alpha=0.07, lw=0)
-                ax.axhline(d.mean, color=METHOD_COLORS["none"], ls="--", lw=1.2, label="Dense")
+                ax.axhline(d.mean, color=METHOD_COLORS["dense"], ls="--", lw=1.2, label="Dense")
             for method in methods:
                 points = data.get(block, {}).get(method, [])
                 if not points:
@@ -613,6 +623,10 @@ def result_figure(
                 )  # fmt: skip
                 bars.lines[0].set_label(METHOD_NAMES.get(method, method))  # errorbar labels only its container
                 _mark_off_scale(ax, x, y, limits, color, stack)
+                if len(levels) == 1:  # a single sparsity (the demo): the few values are worth printing
+                    for xi, yi in zip(x, y):
+                        ax.annotate(f"{yi:.4g}", (xi, yi), xytext=(7, 0), textcoords="offset points", va="center",
+                                    fontsize=8, color=color)  # fmt: skip
                 if with_paper:
                     ref = [(xi, paper_value(setting, method, block, p.sparsity)) for xi, p in zip(x, points)]
                     ref = [(xi, v) for xi, v in ref if v is not None]
@@ -637,9 +651,11 @@ def result_figure(
                 ax.set_xlim(-0.5, len(levels) - 0.5)
     off_scale = any(stacks)
     handles = []
-    if series[metrics[0]].get(0):
-        handles += [Line2D([], [], color="#000000", ls="--", label="Dense"),
-                    Patch(color="#000000", alpha=0.07, lw=0, label="Dense: seeds' range")]  # fmt: skip
+    dense_points = series[metrics[0]].get(0, {}).get("dense", [])
+    if dense_points:
+        handles.append(Line2D([], [], color="#000000", ls="--", label="Dense"))
+    if any(p.n > 1 for p in dense_points):
+        handles.append(Patch(color="#000000", alpha=0.07, lw=0, label="Dense: seeds' range"))
     handles += [
         Line2D([], [], color=METHOD_COLORS.get(m), marker=METHOD_MARKERS.get(m, "o"), label=METHOD_NAMES.get(m, m))
         for m in methods
@@ -663,24 +679,22 @@ def result_figure(
 def _focus_limits(
     data: dict[int, dict[str, list[Point]]], dense: list[Point], higher_better: bool
 ) -> tuple[float, float]:
-    """y-limits around the competitive means: the dense model and every mean, except means worse than the best
-    by more than 3x the spread of the better half (a diverged method), which are marked at the edge instead."""
-    means = sorted(p.mean for b, methods in data.items() if b != 0 for ps in methods.values() for p in ps)
-    means += [d.mean for d in dense]
-    means.sort(reverse=higher_better)  # best first
-    if not means:
+    """y-limits around the competitive means: the dense model and every mean with its bar, except, in a grid of
+    at least 8 pruned means, means worse than the best by more than 3x the spread of the better half (a diverged
+    method), which are marked at the edge instead. A small sweep (the demo's one sparsity) shows everything."""
+    points = [p for b, methods in data.items() if b != 0 for ps in methods.values() for p in ps]
+    if not points and not dense:
         return 0.0, 1.0
-    best, middle = means[0], means[len(means) // 2]
-    reach = 3 * max(abs(middle - best), 1e-9)
-    kept = [m for m in means if abs(m - best) <= reach] + [d.mean for d in dense]
-    lows = [p.low for b, methods in data.items() for ps in methods.values() for p in ps if p.mean in kept]
-    highs = [p.high for b, methods in data.items() for ps in methods.values() for p in ps if p.mean in kept]
-    lo, hi = min(kept + lows), max(kept + highs)
-    if higher_better:  # the bars of the kept means, as far as they stay within reach
-        lo = max(lo, best - reach * 1.15)
-    else:
-        hi = min(hi, best + reach * 1.15)
-    pad = 0.06 * max(hi - lo, 1e-6)
+    kept = points + dense
+    if len(points) >= 8:
+        means = sorted((p.mean for p in kept), reverse=higher_better)  # best first
+        best, middle = means[0], means[len(means) // 2]
+        reach = 3 * max(abs(middle - best), 1e-9)
+        kept = [p for p in points if abs(p.mean - best) <= reach] + dense
+    lo, hi = min(p.low for p in kept), max(p.high for p in kept)
+    if len(points) >= 8:  # the bars of the kept means only as far as the reach
+        lo, hi = (max(lo, best - reach * 1.15), hi) if higher_better else (lo, min(hi, best + reach * 1.15))
+    pad = 0.06 * max(hi - lo, 1e-6 + 0.01 * abs(hi))
     return lo - pad, hi + pad
 
 
@@ -696,11 +710,12 @@ def _mark_off_scale(
         above = yi > hi
         ax.plot([xi], [hi if above else lo], marker="^" if above else "v", ms=8, color=color, clip_on=False, zorder=6)
         key = (round(xi), above)
-        offset = 10 + 9 * stack.get(key, 0)
+        offset = 11 + 10 * stack.get(key, 0)
         stack[key] = stack.get(key, 0) + 1
         ax.annotate(
-            f"{yi:.3g}", (round(xi), hi if above else lo), xytext=(0, -offset if above else offset),
+            f"{yi:.3g}", (xi, hi if above else lo), xytext=(0, -offset if above else offset),
             textcoords="offset points", ha="center", va="top" if above else "bottom", fontsize=7, color=color,
+            bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.85}, zorder=7,
         )  # fmt: skip
 
 
@@ -713,7 +728,10 @@ def _result_title(records: Sequence[dict[str, Any]]) -> str:
     parts = [f"{models} on {data}"]
     if epochs:
         parts.append(f"{'/'.join(map(str, epochs))} epoch{'s' if epochs != [1] else ''}")
-    parts.append(f"mean of {'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}, bars: min-max")
+    if seeds == [1]:
+        parts.append("1 seed")
+    else:
+        parts.append(f"mean of {'/'.join(map(str, seeds))} seeds, bars: min-max")
     return ", ".join(parts)
 
 
@@ -743,7 +761,7 @@ def plot_records(records: Sequence[dict[str, Any]], out: Path, stem: str) -> lis
     varying = [i for i in range(4) if len({key[i] for key in groups}) > 1]
     paths = []
     for key, rows in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        if all(r["method"] == "none" for r in rows):
+        if all(r["method"] == "dense" for r in rows):
             continue
         parts = [f"e{key[i]}" if i == 3 else re.sub(r"\W+", "", str(key[i]).replace("DataModule", "")) for i in varying]
         name = "_".join([stem, *(p.lower() for p in parts)])
@@ -760,14 +778,14 @@ def plot_sweep(root: str | Path, curves: bool = True) -> list[Path]:
     if curves:
         for row in rows:
             folder = Path(row["path"])
-            if row["algorithm"] == "none":
+            if row["algorithm"] in ("none", "dense"):
                 continue
             try:
                 written.append(save_sparsity_curve(folder, folder / CURVE_FILENAME))
             except (FileNotFoundError, ValueError) as err:
                 print(f"no sparsity curve for {folder}: {err}", file=sys.stderr)
     records = records_from_results(rows)
-    if any(r["method"] != "none" for r in records):
+    if any(r["method"] != "dense" for r in records):
         written += plot_records(records, root, "results")
     else:
         print(f"no result figure for {root}: only dense runs", file=sys.stderr)
