@@ -503,3 +503,40 @@ def test_a_real_app_run_logs_what_the_curve_reads(tmp_path, mpl):
     assert not math.isnan(log.achieved_curve()[1][-1])
     path = plots.save_sparsity_curve(tmp_path / "out")
     assert path == tmp_path / "out" / "sparsity_curve.png"
+
+
+def test_a_real_fit_with_csv_and_offline_wandb_loggers_gets_a_curve_that_wandb_stores_in_colour(
+    tmp_path, monkeypatch, mpl
+):
+    """The end-of-run hook after a real fit: the PNG in the run folder, and the image W&B writes to its run
+    folder is the same picture (not the all-black PNG a float tensor would give)."""
+    from conftest import TinyNet, make_trainer, tiny_loader
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+    from sapp_lightning import BlockPruning
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    pruning = BlockPruning("sapp", 0.75, 4, plan=[("dense", 0.2), ("sparsify", 0.3), ("sparse", 0.5)])
+    loggers = [CSVLogger(tmp_path / "run", name="csv"), WandbLogger(offline=True, save_dir=str(tmp_path / "run"))]
+    trainer = make_trainer(tmp_path, [pruning], max_epochs=6, logger=loggers, log_every_n_steps=2)
+    trainer.fit(TinyNet(), tiny_loader())
+    path = plots.log_sparsity_curve(trainer, tmp_path / "run")
+    log = read_sparsity_log(tmp_path / "run")
+    assert [(b.start, b.end, b.phase) for b in log.bands()] == [(0, 10, 0), (10, 24, 1), (24, 48, 2)]
+    assert log.sparsity[-1] == pytest.approx(0.75, abs=0.01)
+    loggers[1].experiment.finish()
+    (stored,) = (tmp_path / "run").rglob("media/images/pruning/sparsity_curve_*.png")
+    ours, theirs = png_pixels(path), png_pixels(stored)
+    assert theirs.shape == ours.shape and np.abs(theirs.astype(int) - ours.astype(int)).max() <= 2
+    assert count_color(theirs, PHASE_COLORS[1]) > 2000 and count_color(theirs, METHOD_COLORS["sapp"], 8) > 100
+
+
+def test_results_plot_without_matplotlib_prints_the_table_then_names_the_extra(tmp_path, capsys, monkeypatch):
+    root = fake_demo_sweep(tmp_path / "demo")
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert results_main([str(root), "--plot"]) == 1
+    captured = capsys.readouterr()
+    assert "| SA++" in captured.out
+    assert "pip install 'sapp_lightning[app]'" in captured.err
