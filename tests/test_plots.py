@@ -518,6 +518,10 @@ def test_a_real_fit_with_csv_and_offline_wandb_loggers_gets_a_curve_that_wandb_s
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    import wandb
+
+    if wandb.run is not None:  # an unfinished run of an earlier test would be reused by WandbLogger
+        wandb.finish()
     pruning = BlockPruning("sapp", 0.75, 4, plan=[("dense", 0.2), ("sparsify", 0.3), ("sparse", 0.5)])
     loggers = [CSVLogger(tmp_path / "run", name="csv"), WandbLogger(offline=True, save_dir=str(tmp_path / "run"))]
     trainer = make_trainer(tmp_path, [pruning], max_epochs=6, logger=loggers, log_every_n_steps=2)
@@ -526,8 +530,10 @@ def test_a_real_fit_with_csv_and_offline_wandb_loggers_gets_a_curve_that_wandb_s
     log = read_sparsity_log(tmp_path / "run")
     assert [(b.start, b.end, b.phase) for b in log.bands()] == [(0, 10, 0), (10, 24, 1), (24, 48, 2)]
     assert log.sparsity[-1] == pytest.approx(0.75, abs=0.01)
+    files = Path(loggers[1].experiment.dir)
+    assert tmp_path in files.parents
     loggers[1].experiment.finish()
-    (stored,) = (tmp_path / "run").rglob("media/images/pruning/sparsity_curve_*.png")
+    (stored,) = files.rglob("media/images/pruning/sparsity_curve_*.png")
     ours, theirs = png_pixels(path), png_pixels(stored)
     assert theirs.shape == ours.shape and np.abs(theirs.astype(int) - ours.astype(int)).max() <= 2
     assert count_color(theirs, PHASE_COLORS[1]) > 2000 and count_color(theirs, METHOD_COLORS["sapp"], 8) > 100
