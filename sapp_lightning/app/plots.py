@@ -50,8 +50,10 @@ from ..paper import CRITEO_DENSE_LOSS, IMAGENET_DENSE_TOP1, paper_value
 from ..results import load_results
 
 if TYPE_CHECKING:  # matplotlib is an optional extra
+    import pytorch_lightning as pl
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from PIL.Image import Image
 
 log = logging.getLogger(__name__)
 
@@ -364,14 +366,14 @@ def save_figure(fig: Figure, path: str | Path, dpi: int | None = None) -> Path:
     return path
 
 
-def figure_image(fig: Figure):
+def figure_image(fig: Figure) -> Image:
     """``fig`` as an 8-bit RGB ``PIL.Image`` (what ``wandb.Image`` stores as is; a float tensor would not be)."""
-    from PIL import Image
+    import PIL.Image
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=fig.dpi, facecolor="white")
     buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
+    return PIL.Image.open(buffer).convert("RGB")
 
 
 def save_sparsity_curve(source: str | Path, out: str | Path | None = None) -> Path:
@@ -381,7 +383,7 @@ def save_sparsity_curve(source: str | Path, out: str | Path | None = None) -> Pa
     return save_figure(fig, out or run_folder(path) / CURVE_FILENAME)
 
 
-def log_sparsity_curve(trainer: Any, run_dir: str | Path) -> Path | None:
+def log_sparsity_curve(trainer: pl.Trainer, run_dir: str | Path) -> Path | None:
     """The app's end-of-run hook: ``sparsity_curve.png`` in ``run_dir`` from the run's CSV log, also sent to every
     ``WandbLogger`` as the image ``pruning/sparsity_curve``.
 
