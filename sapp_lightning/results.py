@@ -2,6 +2,9 @@
 
     python -m sapp_lightning.results runs/demo                 # one row per configuration
     python -m sapp_lightning.results runs/table2_criteo --paper criteo   # Table 2's shape
+    python -m sapp_lightning.results runs/demo --plot          # + DIR/results.png and each run's sparsity curve
+
+``--plot`` needs matplotlib (``pip install 'sapp_lightning[app]'``); see :mod:`sapp_lightning.app.plots`.
 
 Example:
     >>> rows = [{"algorithm": "sapp", "sparsity": 0.9, "block_size": 10, "seed": s, "task": "ctr",
@@ -172,6 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--paper", choices=["auto", "imagenet", "criteo", "none"], default="auto",
         help="print the paper's numbers in brackets: auto picks criteo for CTR models on Criteo, imagenet for ResNet50",
     )  # fmt: skip
+    parser.add_argument(
+        "--plot", action="store_true",
+        help="also draw DIR/results.png (metric against sparsity, one panel per block size) and each pruned run's "
+        "sparsity_curve.png beside its results.json (from its CSV log); needs matplotlib",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         rows = load_results(args.root)
@@ -188,6 +196,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len({s["block_size"] for s in summary if s["algorithm"] != "dense"}) > 1 or paper:
         print("\nIn the paper's layout" + (f" (the paper's {paper} numbers in brackets)" if paper else "") + ":\n")
         print(paper_table(summary, paper))
+    return _plot(args.root) if args.plot else 0
+
+
+def _plot(root: str) -> int:
+    """Draw the sweep's figures (``--plot``) and say where each went."""
+    try:
+        from .app.plots import plot_sweep
+
+        written = plot_sweep(root)
+    except (ImportError, ValueError) as err:
+        print(f"\nno figures: {err}", file=sys.stderr)
+        return 1
+    print()
+    for path in written:
+        kind = "sparsity curve" if path.name == "sparsity_curve.png" else "comparison figure"
+        print(f"{kind}: {path}")
     return 0
 
 
