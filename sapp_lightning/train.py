@@ -169,6 +169,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(module.state_dict(), out / "model.pt")  # the committed weights: plain tensors, no callback state
         (out / "results.json").write_text(json.dumps(results, indent=2))
+    if pruning is not None:
+        from .app.plots import log_sparsity_curve
+
+        log_sparsity_curve(trainer, cfg.output_dir)  # sparsity_curve.png beside the logs (and to W&B)
     return results
 
 

@@ -161,7 +161,7 @@ def test_missing_metrics_csv_says_which_logger_writes_it(tmp_path):
 def test_a_log_without_pruning_keys_says_it_is_a_dense_run(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,step,train/loss\n0,9,0.5\n")
-    with pytest.raises(ValueError, match=r"logs no pruning curve .*dense run \(pruning=none\)"):
+    with pytest.raises(ValueError, match=r"logs no pruning curve .*dense run \(pruning=dense\)"):
         read_sparsity_log(path)
 
 

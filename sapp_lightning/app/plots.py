@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..paper import CRITEO_DENSE_LOSS, IMAGENET_DENSE_TOP1, paper_value
-from ..results import load_results
+from ..results import METHOD_NAMES, METHOD_ORDER, load_results
 
 if TYPE_CHECKING:  # matplotlib is an optional extra
     import pytorch_lightning as pl
@@ -58,15 +58,6 @@ if TYPE_CHECKING:  # matplotlib is an optional extra
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'sapp_lightning[app]'"
-# The dense baseline is "dense" here; results.json files of sapp_lightning 0.1 call it "none" (mapped on reading).
-METHOD_ORDER = ("dense", "magnitude", "powerprop", "acdc", "sapp")
-METHOD_NAMES = {
-    "dense": "Dense",
-    "magnitude": "Magnitude",
-    "powerprop": "PowerPropagation",
-    "acdc": "ACDC",
-    "sapp": "SA++",
-}
 # Okabe-Ito colours (distinguishable with the common colour-vision deficiencies), one per method in every figure.
 METHOD_COLORS = {
     "dense": "#000000",
@@ -246,7 +237,8 @@ def read_sparsity_log(source: str | Path) -> SparsityLog:
     if not {"pruning/sparsity", "pruning/phase"} <= columns:
         raise ValueError(
             f"{path} logs no pruning curve (no pruning/sparsity and pruning/phase columns): a dense run "
-            "(pruning=none), or training ended before BlockPruning logged anything (fewer steps than log_every_n_steps)"
+            "(pruning=dense), or training ended before BlockPruning logged anything (fewer steps than "
+            "log_every_n_steps)"
         )
     out = SparsityLog(path)
     step_rows: dict[int, tuple[float, float | None, int]] = {}
