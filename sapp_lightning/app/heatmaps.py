@@ -1,43 +1,162 @@
-"""Block-mask heatmaps at each phase end, sent to W&B as images or saved as PNGs beside other logs."""
+"""Block-mask heatmaps a person can read: one figure per pruned layer and one overview of all layers at each phase
+end, sent to W&B as images or saved as PNGs beside the other logs.
+
+Rows are fan-in blocks and columns fan-out blocks (the paper's kernel orientation). Pruned blocks are black;
+kept blocks are pale, or for SA++ coloured by their attention on a log scale (a colour bar gives the values), so
+the picture shows what the next pruning step removes. For convolutions the rows of each kernel tap are grouped
+and labelled ``(h, w)``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.loggers import WandbLogger
 
 from ..callback import BlockPruning
 from ..events import LayerState, PruningEvent
 from ..sparsifier import BlockSparsifier
+from .plots import figure_image, save_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+KEPT_COLOR = "#d9d9d9"  # kept blocks when nothing ranks them by colour (ACDC, magnitude, PowerPropagation)
+PRUNED_COLOR = "#000000"
+ATTENTION_CMAP = "viridis"  # brightness grows with the value
 
 
-def mask_image(layer: LayerState, min_side: int = 128) -> torch.Tensor:
-    """A ``[1, H, W]`` image of the layer's block grid (rows: fan_in blocks, columns: fan_out blocks).
+def _image(state: LayerState) -> np.ndarray:
+    """The grid to draw: attention where kept (SA++), 1 where kept (others), NaN where pruned."""
+    mask = state.mask.numpy()
+    values = state.importance.numpy() if state.importance_name == "attention" else np.ones(mask.shape)
+    return np.where(mask, values, np.nan)
 
-    Pruned blocks are black. Kept blocks are white, or for SA++ shaded by their attention
-    (brighter = more attention), so the picture shows what the next pruning step will remove.
-    """
-    mask = layer.mask.float()
-    if layer.importance_name == "attention":
-        attention = layer.importance.log()
-        lo, hi = attention.min(), attention.max()
-        shade = (attention - lo) / (hi - lo) if hi > lo else torch.ones_like(attention)
-        mask = mask * (0.25 + 0.75 * shade)
-    scale = max(1, -(-min_side // max(mask.shape)))
-    return mask.repeat_interleave(scale, 0).repeat_interleave(scale, 1).unsqueeze(0)
+
+def _attention_norm(states: list[LayerState]) -> Any:
+    from matplotlib.colors import LogNorm
+
+    kept = [s.importance[s.mask] for s in states if s.importance_name == "attention" and bool(s.mask.any())]
+    if not kept:
+        return None
+    low = min(float(k.min()) for k in kept)
+    high = max(float(k.max()) for k in kept)
+    return LogNorm(vmin=low, vmax=high if high > low else low * 1.0001)
+
+
+def _draw(ax: Any, state: LayerState, norm: Any) -> Any:
+    import matplotlib
+    from matplotlib.colors import ListedColormap
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if norm is not None:
+        cmap = matplotlib.colormaps[ATTENTION_CMAP].copy()
+    else:
+        cmap = ListedColormap([KEPT_COLOR])
+    cmap.set_bad(PRUNED_COLOR)
+    return ax.imshow(_image(state), cmap=cmap, norm=norm, interpolation="nearest", aspect="auto")
+
+
+def _label_taps(ax: Any, state: LayerState) -> str:
+    """For a conv layer whose blocks stay inside one tap: lines between taps and ``(h, w)`` ticks."""
+    layout = state.layout
+    if layout.kind != "conv2d":
+        return "fan-in blocks"
+    _, cin, kh, kw = layout.weight_shape
+    rows = layout.block_size[0]
+    if kh * kw == 1:
+        return "fan-in blocks (input channels)"
+    if cin % rows:
+        return "fan-in blocks (kh·kw·cin, tap by tap)"
+    per_tap = cin // rows
+    for tap in range(1, kh * kw):
+        ax.axhline(tap * per_tap - 0.5, color="white", lw=0.6)
+    ax.set_yticks([tap * per_tap + (per_tap - 1) / 2 for tap in range(kh * kw)])
+    ax.set_yticklabels([f"({h},{w})" for h in range(kh) for w in range(kw)], fontsize=7)
+    return f"fan-in blocks, by kernel tap (h, w): {per_tap} per tap"
+
+
+def _phase_text(step: int, phase: str) -> str:
+    return f"step {step}, {phase}"
+
+
+def layer_figure(state: LayerState, step: int, phase: str) -> Figure:
+    """One pruned layer's block grid, titled with its name, the step, the phase and its achieved sparsity."""
+    from matplotlib.figure import Figure
+
+    rows, cols = state.mask.shape
+    height = min(9.0, max(3.0, 2.0 + rows / 12))
+    width = min(12.0, max(4.5, 3.0 + cols / 12))
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    norm = _attention_norm([state])
+    image = _draw(ax, state, norm)
+    ax.set_ylabel(_label_taps(ax, state))
+    r, c = state.layout.block_size
+    ax.set_xlabel(f"fan-out blocks ({c} outputs each)")
+    ax.set_title(
+        f"{state.name}: {state.sparsity:.1%} of {state.num_blocks} blocks pruned ({r}x{c})\n"
+        f"{_phase_text(step, phase)}; black = pruned",
+        fontsize=10,
+    )
+    if norm is not None:
+        _colorbar(fig, image, ax, "attention A = N·softmax(L) (log scale)")
+    return fig
+
+
+def overview_figure(states: list[LayerState], step: int, phase: str) -> Figure:
+    """Every pruned layer as a small multiple on one shared colour scale."""
+    from matplotlib.figure import Figure
+
+    n = len(states)
+    columns = min(n, max(1, round(np.sqrt(n * 1.6))))
+    rows = -(-n // columns)
+    fig = Figure(figsize=(2.4 * columns + 1.2, 2.2 * rows + 0.8), dpi=100, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).reshape(-1)
+    norm = _attention_norm(states)
+    image = None
+    for ax, state in zip(axes, states):
+        image = _draw(ax, state, norm)
+        ax.set_title(f"{state.name}\n{state.sparsity:.0%} pruned", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    total = 1 - sum(s.num_kept for s in states) / max(1, sum(s.num_blocks for s in states))
+    fig.suptitle(
+        f"{n} pruned layers, {_phase_text(step, phase)}: {total:.1%} of blocks pruned\n"
+        "rows: fan-in blocks, columns: fan-out blocks; black = pruned",
+        fontsize=9,
+    )
+    if norm is not None and image is not None:
+        _colorbar(fig, image, list(axes[:n]), "attention (log scale)")
+    return fig
+
+
+def _colorbar(fig: Figure, image: Any, ax: Any, label: str) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    bar = fig.colorbar(image, ax=ax, label=label, shrink=0.8)
+    plain = FuncFormatter(lambda value, _: f"{value:.3g}")
+    bar.ax.yaxis.set_major_formatter(plain)
+    bar.ax.yaxis.set_minor_formatter(plain)
 
 
 class MaskHeatmaps(pl.Callback):
-    """Render every pruned layer's block mask when a phase ends and when training ends.
-
-    It listens to the :class:`~sapp_lightning.BlockPruning` callback's sparsifier, so its place in the
-    callback list does not matter.
+    """Draw the block masks when a phase ends and when training ends: per layer (``per_layer``) and all layers
+    in one overview (``overview``, for models with at least ``overview_min_layers`` pruned layers). W&B gets
+    them as images (``pruning/mask/<layer>``, ``pruning/masks``); other loggers with a folder get PNGs under
+    ``<log_dir>/masks/``. It listens to the :class:`~sapp_lightning.BlockPruning` callback's sparsifier, so its
+    place in the callback list does not matter.
     """
 
-    def __init__(self, min_side: int = 128) -> None:
-        self.min_side = min_side
+    def __init__(self, per_layer: bool = True, overview: bool = True, overview_min_layers: int = 2) -> None:
+        self.per_layer, self.overview, self.overview_min_layers = per_layer, overview, overview_min_layers
         self._trainer: pl.Trainer | None = None
         self._sparsifier: BlockSparsifier | None = None
 
@@ -49,26 +168,31 @@ class MaskHeatmaps(pl.Callback):
         self._trainer = trainer
 
     def _on_event(self, sparsifier: BlockSparsifier, event: PruningEvent) -> None:
-        if event.kind == "phase_end":
+        if event.kind == "phase_end" and event.phase is not None:
             self._render(sparsifier, f"end of phase {event.segment_index} ({event.phase.name.lower()})")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._sparsifier is not None and self._sparsifier.layers:
             self._render(self._sparsifier, "end of training")
 
-    def _render(self, sparsifier: BlockSparsifier, caption: str) -> None:
+    def figures(self, sparsifier: BlockSparsifier, step: int, phase: str) -> dict[str, Figure]:
+        """``{W&B key: figure}`` for the masks as they are now."""
+        states = sparsifier.layer_states()
+        figures = {f"pruning/mask/{s.name}": layer_figure(s, step, phase) for s in states} if self.per_layer else {}
+        if self.overview and len(states) >= self.overview_min_layers:
+            figures["pruning/masks"] = overview_figure(states, step, phase)
+        return figures
+
+    def _render(self, sparsifier: BlockSparsifier, phase: str) -> None:
         trainer = self._trainer
         if trainer is None or not trainer.is_global_zero:
             return
-        images = {layer.name: mask_image(layer, self.min_side) for layer in sparsifier.layer_states()}
+        step = trainer.global_step
+        figures = self.figures(sparsifier, step, phase)
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                for name, image in images.items():
-                    logger.log_image(f"pruning/mask/{name}", [image], step=trainer.global_step, caption=[caption])
-            elif logger.log_dir:
-                from torchvision.utils import save_image
-
-                for name, image in images.items():
-                    path = Path(logger.log_dir) / "masks" / name / f"step{trainer.global_step:07d}.png"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    save_image(image, path)
+            for key, fig in figures.items():
+                if isinstance(logger, WandbLogger):
+                    logger.log_image(key, [figure_image(fig)], step=step, caption=[phase])
+                elif logger.log_dir:
+                    name = key.removeprefix("pruning/mask/") if key != "pruning/masks" else "overview"
+                    save_figure(fig, Path(logger.log_dir) / "masks" / name / f"step{step:07d}.png")
