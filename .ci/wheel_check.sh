@@ -50,10 +50,10 @@ data="$work/data"
 fast=(+trainer.fast_dev_run=1 trainer.accelerator=cpu trainer.devices=1 logger=none "hydra.run.dir=$work/run")
 declare -A data_args=(
     [fashion_mnist_demo]="data.data_dir=$data/fashion data.val_size=20"
-    [resnet50_imagenet]="trainer=cpu data.root=$data/imagenet data.batch_size=2 data.num_workers=0 data.image_size=32 data.val_resize=36 trainer.precision=32-true"
-    [imagenet_table1]="trainer=cpu data.root=$data/imagenet data.batch_size=2 data.num_workers=0 data.image_size=32 data.val_resize=36 trainer.precision=32-true"
-    [criteo_paper]="data.path=$data/criteo.txt data.batch_size=32 data.table_size=50 data.cache_dir=$work/cache"
-    [criteo_table2]="data.path=$data/criteo.txt data.batch_size=32 data.table_size=50 data.cache_dir=$work/cache"
+    [resnet50_imagenet]="trainer=cpu data.root=$data/imagenet global_batch_size=2 data.num_workers=0 data.image_size=32 data.val_resize=36 trainer.precision=32-true"
+    [imagenet_table1]="trainer=cpu data.root=$data/imagenet global_batch_size=2 data.num_workers=0 data.image_size=32 data.val_resize=36 trainer.precision=32-true"
+    [criteo_paper]="data.path=$data/criteo.txt global_batch_size=32 data.table_size=50 data.cache_dir=$work/cache"
+    [criteo_table2]="data.path=$data/criteo.txt global_batch_size=32 data.table_size=50 data.cache_dir=$work/cache"
     [movielens_ctr]="data.data_dir=$data/ml-100k data.batch_size=8 pruning.block_size=5 data.val_fraction=0.2 data.test_fraction=0.2"
 )
 recipes=$(cd "$repo/recipes" && ls *.yaml | sed 's/\.yaml$//')

@@ -21,7 +21,7 @@ from .algorithms import ALGORITHMS, PruningAlgorithm, register
 from .blocks import BlockLayout, keep_count, top_k_mask
 from .checkpoint import committed_state_dict
 from .events import LayerState, Lifecycle, PruningEvent
-from .report import LayerSparsity, SparsityReport, block_sparsity
+from .report import LayerSparsity, SparsityReport, block_sparsity, real_sparsity
 from .schedules import Phase, PhasePlan, exponential_sparsity
 from .sparsifier import BlockSparsifier
 
@@ -47,6 +47,7 @@ __all__ = [
     "committed_state_dict",
     "exponential_sparsity",
     "keep_count",
+    "real_sparsity",
     "register",
     "top_k_mask",
 ]

@@ -50,13 +50,18 @@ class BlockPruningHooks:
         verify_masks_across_ranks: bool = True,
         check_finite_every_n_steps: int = 100,
         total_steps: int | None = None,
+        sparsify_every_n_steps: int = 1,
+        sparsify_regrowth: bool = False,
+        ranking: str = "layer",
+        **algorithm_options: Any,
     ) -> None:
         super().__init__()
         self.sparsifier = BlockSparsifier(
             algorithm, sparsity, block_size, min_blocks, include, exclude, plan=plan,
             schedule_exponent=schedule_exponent, prune_mode=prune_mode, reset_optimizer=reset_optimizer,
             attention_clipping=attention_clipping, logit_l2=logit_l2,
-            check_finite_every_n_steps=check_finite_every_n_steps,
+            check_finite_every_n_steps=check_finite_every_n_steps, sparsify_every_n_steps=sparsify_every_n_steps,
+            sparsify_regrowth=sparsify_regrowth, ranking=ranking, **algorithm_options,
         )  # fmt: skip
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)):
             raise ValueError(f"total_steps must be an int >= 1 or None, got {total_steps!r}")
@@ -258,9 +263,10 @@ class BlockPruning(BlockPruningHooks, pl.Callback):
 
     Args:
         algorithm, sparsity, block_size, min_blocks, include, exclude, plan, schedule_exponent, prune_mode,
-            reset_optimizer, attention_clipping, logit_l2, check_finite_every_n_steps: as for
-            :class:`~sapp_lightning.BlockSparsifier`. ``algorithm`` is a name (``"sapp"``, ``"acdc"``,
-            ``"magnitude"``, ``"powerprop"``) or an object such as ``SequentialAttentionPP(logit_l2=1e-4)``.
+            reset_optimizer, attention_clipping, logit_l2, check_finite_every_n_steps, sparsify_every_n_steps,
+            sparsify_regrowth, ranking, **algorithm_options: as for :class:`~sapp_lightning.BlockSparsifier`.
+            ``algorithm`` is a name (``"sapp"``, ``"acdc"``, ``"magnitude"``, ``"powerprop"``) or an object
+            such as ``SequentialAttentionPP(logit_l2=1e-4)``.
         verify_masks_across_ranks: in distributed runs, compare mask checksums across ranks at every phase
             boundary and when training ends, and raise if they differ.
         total_steps: the number of training steps the plan is laid over (one per batch that steps the

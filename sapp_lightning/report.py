@@ -50,7 +50,8 @@ class SparsityReport:
 
     @property
     def weight_sparsity(self) -> float:
-        """Weights inside all-zero blocks over all weights listed (the paper's "real sparsity")."""
+        """Weights inside all-zero blocks over all weights listed: the paper's "real sparsity" where every layer
+        of the prunable kinds is listed (:func:`real_sparsity`)."""
         return sum(layer.zero_weights for layer in self.layers) / max(
             1, sum(layer.num_weights for layer in self.layers)
         )
@@ -127,3 +128,21 @@ def block_sparsity(
         if cand.layout.num_blocks >= min_blocks
     ]
     return SparsityReport(normalize_block_size(block_size), tuple(layers))
+
+
+def real_sparsity(model: nn.Module, block_size: BlockSize) -> float:
+    """The paper's "real sparsity" (SPEC section 2.4): weights inside all-zero blocks over *all* weights of the
+    layer kinds that can be pruned (every ``nn.Linear`` and ``nn.Conv2d`` with ``groups == 1``), pruned or not.
+
+    With 64x64 blocks at 90%, ResNet50 prunes the 18 layers that have 100 blocks or more, which hold 82.6% of its
+    weights: a real sparsity of ~74%, not 90%.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.zero_()   # one of two equal layers pruned entirely
+        >>> real_sparsity(model, block_size=4)
+        0.5
+    """
+    return block_sparsity(model, block_size).weight_sparsity

@@ -7,8 +7,8 @@ the phase it falls in and the progress ``tau`` inside that phase.
 Example:
     >>> plan = PhasePlan.named("criteo_acdc")
     >>> schedule = plan.resolve(total_steps=1000)
-    >>> schedule.locate(850).phase, schedule.locate(850).tau
-    (<Phase.SPARSE: 2>, 0.25)
+    >>> schedule.locate(850).phase, schedule.locate(999).tau
+    (<Phase.SPARSE: 2>, 1.0)
     >>> round(exponential_sparsity(0.25, target=0.9, c=4.0), 4)
     0.5795
 """
@@ -183,9 +183,10 @@ class StepSchedule:
     def locate(self, step: int) -> Position:
         """The segment that the forward pass of optimizer step ``step`` (0-based) belongs to.
 
-        Steps at or past the end of training fall in the last segment with ``tau = 1``.
+        ``tau`` runs from 0 on a phase's first step to 1 on its last, so a sparsification phase reaches its
+        target on its last step. Steps at or past the end of training fall in the last segment with ``tau = 1``.
         """
         index = min(bisect.bisect_right(self.ends, step), len(self.ends) - 1)
         start, end = self.start(index), self.ends[index]
-        tau = 1.0 if end <= start else min(1.0, (step - start) / (end - start))
+        tau = 1.0 if end - start <= 1 else min(1.0, (step - start) / (end - start - 1))
         return Position(index, self.plan.segments[index].phase, tau)

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .algorithms import PrunedLayer, PruningAlgorithm, build_algorithm, carries_block_pruning
 from .blocks import BlockSize, keep_count, normalize_block_size, top_k_mask
@@ -49,6 +49,7 @@ from .targets import compile_patterns, select_layers
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 2
+_SPARSIFIER_DEFAULTS = {"sparsify_every_n_steps": 1, "sparsify_regrowth": False, "ranking": "layer"}
 #: where a prepared model's ``state_dict()`` records the configuration: its metadata, not an entry
 METADATA_KEY = "sapp_lightning.block_pruning"
 
@@ -81,12 +82,20 @@ class BlockSparsifier:
             ``"imagenet_acdc"``, or a list of ``(phase, fraction)`` pairs with phases ``"dense"``, ``"sparsify"``,
             ``"sparse"`` and fractions of the training steps that add up to 1.
         schedule_exponent: ``c`` of the exponential sparsification schedule.
-        prune_mode, attention_clipping, logit_l2: the algorithm's knobs when ``algorithm`` is a name (see
-            :class:`~sapp_lightning.algorithms.SequentialAttentionPP`); ``None`` keeps the algorithm's default,
-            and a knob the algorithm does not have is ignored.
+        prune_mode, attention_clipping, logit_l2, **algorithm_options: the algorithm's knobs when ``algorithm`` is
+            a name (see :class:`~sapp_lightning.algorithms.SequentialAttentionPP` and
+            :class:`~sapp_lightning.algorithms.PowerPropagation`); ``None`` keeps the algorithm's default, a knob
+            the named algorithm does not have is ignored (one configuration serves a sweep over algorithms), and
+            one that no algorithm has is refused.
         reset_optimizer: clear the attached optimizers' state (momentum, Adam moments) at every phase boundary.
         check_finite_every_n_steps: every this many steps, check the pruned weights (and SA++'s logits) for NaN
             and infinity; they are also checked at every phase boundary and at the end. ``0``: only those.
+        sparsify_every_n_steps: inside a sparsification phase, move the kept set along the schedule every this
+            many steps (and on the phase's last step); 1 (default): every step (SPEC section 6 #6).
+        sparsify_regrowth: let a block pruned earlier in a sparsification phase come back within it (ranked
+            among all blocks); default ``False``: the kept set only shrinks (backward selection, #7).
+        ranking: ``"layer"`` (default, #20): each layer keeps its own share of blocks (uniform sparsity);
+            ``"global"``: one ranking over the blocks of every pruned layer, so layers end at different sparsities.
     """
 
     def __init__(
@@ -105,10 +114,15 @@ class BlockSparsifier:
         logit_l2: float | None = None,
         reset_optimizer: bool = True,
         check_finite_every_n_steps: int = 100,
+        sparsify_every_n_steps: int = 1,
+        sparsify_regrowth: bool = False,
+        ranking: str = "layer",
+        **algorithm_options: Any,
     ) -> None:
         self.algorithm = build_algorithm(
-            algorithm, prune_mode=prune_mode, attention_clipping=attention_clipping, logit_l2=logit_l2
-        )
+            algorithm, prune_mode=prune_mode, attention_clipping=attention_clipping, logit_l2=logit_l2,
+            **algorithm_options,
+        )  # fmt: skip
         if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
         if isinstance(min_blocks, bool) or not isinstance(min_blocks, int) or min_blocks < 0:
@@ -118,6 +132,14 @@ class BlockSparsifier:
         every = check_finite_every_n_steps
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(f"check_finite_every_n_steps must be an int >= 0, got {every!r}")
+        if (
+            isinstance(sparsify_every_n_steps, bool)
+            or not isinstance(sparsify_every_n_steps, int)
+            or (sparsify_every_n_steps < 1)
+        ):
+            raise ValueError(f"sparsify_every_n_steps must be an int >= 1, got {sparsify_every_n_steps!r}")
+        if ranking not in ("layer", "global"):
+            raise ValueError(f"ranking must be 'layer' or 'global', got {ranking!r}")
         self.sparsity = float(sparsity)
         self.block_size = normalize_block_size(block_size)
         self.min_blocks = min_blocks
@@ -129,6 +151,9 @@ class BlockSparsifier:
         self.schedule_exponent = float(schedule_exponent)
         self.reset_optimizer = reset_optimizer
         self.check_finite_every_n_steps = every
+        self.sparsify_every_n_steps = sparsify_every_n_steps
+        self.sparsify_regrowth = bool(sparsify_regrowth)
+        self.ranking = ranking
 
         self.lifecycle = Lifecycle.NEW
         self.layers: list[PrunedLayer] = []
@@ -194,6 +219,8 @@ class BlockSparsifier:
             **self.algorithm.config(),
             "plan": [list(pair) for pair in self.plan.to_pairs()],
             "schedule_exponent": self.schedule_exponent,
+            # the spec's defaults are left out, so that checkpoints made before these options existed still match
+            **{k: getattr(self, k) for k, v in _SPARSIFIER_DEFAULTS.items() if getattr(self, k) != v},
             "layers": [layer.name for layer in self.layers],
             "kinds": [layer.layout.kind for layer in self.layers],
         }
@@ -430,11 +457,17 @@ class BlockSparsifier:
             self._enter(position.phase, position.tau)
             self._segment_index = position.index
             self._emit("phase_start")
-        elif position.phase is Phase.SPARSIFY:
+        elif position.phase is Phase.SPARSIFY and self._sparsify_now(step):
             self._sparsify(position.tau)
         if self.algorithm.zeroes_pruned_weights:
             for layer in self.layers:
                 layer.zero_pruned_()
+
+    def _sparsify_now(self, step: int) -> bool:
+        """Whether the kept set moves at ``step`` of a sparsification phase (every n steps, and its last step)."""
+        assert self.schedule is not None
+        start, end = self.schedule.start(self._segment_index), self.schedule.ends[self._segment_index]
+        return (step - start) % self.sparsify_every_n_steps == 0 or step == end - 1
 
     def _enter(self, phase: Phase, tau: float) -> None:
         if phase is Phase.DENSE:
@@ -445,18 +478,16 @@ class BlockSparsifier:
             self._sparsify_start = [1.0 - layer.num_kept / layer.layout.num_blocks for layer in self.layers]
             self._sparsify(tau)
         else:
-            for layer in self.layers:
-                self._prune_to(layer, keep_count(layer.layout.num_blocks, self.sparsity))
+            self._prune_to([self.sparsity] * len(self.layers), regrowth=False)
 
     def _sparsify(self, tau: float) -> None:
-        for layer, start in zip(self.layers, self._sparsify_start):
-            target = exponential_sparsity(tau, self.sparsity, self.schedule_exponent, start=start)
-            self._prune_to(layer, keep_count(layer.layout.num_blocks, target))
+        targets = [
+            exponential_sparsity(tau, self.sparsity, self.schedule_exponent, start=start)
+            for start in self._sparsify_start
+        ]
+        self._prune_to(targets, regrowth=self.sparsify_regrowth)
 
-    def _prune_to(self, layer: PrunedLayer, keep: int) -> None:
-        """Shrink the layer's kept set to ``keep`` blocks, dropping the lowest scores first."""
-        if keep >= layer.num_kept:
-            return
+    def _scores(self, layer: PrunedLayer) -> Tensor:
         scores = self.algorithm.block_scores(layer)
         if not torch.isfinite(scores).all():
             raise FloatingPointError(
@@ -464,7 +495,32 @@ class BlockSparsifier:
                 f"({'attention logits' if self.algorithm.importance_name == 'attention' else 'weights'}); "
                 "training diverged"
             )
-        layer.set_mask(top_k_mask(scores, keep, eligible=layer.mask))
+        return scores
+
+    def _prune_to(self, sparsities: list[float], regrowth: bool) -> None:
+        """Bring each layer to its target sparsity, dropping the lowest scores first: per layer, or in one
+        ranking over all layers (``ranking="global"``). Without ``regrowth`` a kept set only shrinks."""
+        if self.ranking == "global":
+            self._prune_globally(
+                sum(s * layer.layout.num_blocks for s, layer in zip(sparsities, self.layers)), regrowth
+            )
+            return
+        for layer, sparsity in zip(self.layers, sparsities):
+            keep = keep_count(layer.layout.num_blocks, sparsity)
+            if keep < layer.num_kept or (regrowth and keep <= layer.num_kept):
+                eligible = None if regrowth else layer.mask
+                layer.set_mask(top_k_mask(self._scores(layer), keep, eligible=eligible))
+
+    def _prune_globally(self, pruned_blocks: float, regrowth: bool) -> None:
+        total = sum(layer.layout.num_blocks for layer in self.layers)
+        keep = max(len(self.layers), total - round(pruned_blocks))
+        if keep >= sum(layer.num_kept for layer in self.layers) and not regrowth:
+            return
+        scores = torch.cat([self._scores(layer).reshape(-1).float() for layer in self.layers])
+        eligible = None if regrowth else torch.cat([layer.mask.reshape(-1) for layer in self.layers])
+        mask = top_k_mask(scores, keep, eligible=eligible)
+        for layer, part in zip(self.layers, mask.split([layer.layout.num_blocks for layer in self.layers])):
+            layer.set_mask(part.reshape(layer.mask.shape))
 
     # --- checks -------------------------------------------------------------------------------
     def check_finite(self, when: str) -> None:

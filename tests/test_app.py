@@ -69,7 +69,7 @@ def test_the_issue_commands_compose_exactly_as_written(tmp_path):
     assert cfg.data._target_.endswith("ImageNetDataModule") and cfg.model.net._target_.endswith("resnet50")
     cfg = compose_cfg("recipe=criteo_paper pruning=acdc pruning.sparsity=0.95 pruning.block_size=10".split(), tmp_path)
     assert (cfg.pruning.algorithm, cfg.pruning.sparsity, cfg.pruning.block_size) == ("acdc", 0.95, 10)
-    assert cfg.data.batch_size == 32768 and cfg.trainer.max_epochs == 25
+    assert cfg.global_batch_size == 32768 and cfg.trainer.max_epochs == 25
 
 
 def test_recipes_override_the_primary_config_including_the_sweep_folder(tmp_path):
@@ -93,6 +93,7 @@ FAST = ["+trainer.fast_dev_run=1", "trainer.accelerator=cpu", "trainer.devices=1
 def test_resnet50_recipe_runs_on_an_imagefolder_tree(tmp_path):
     root = make_imagefolder(tmp_path / "imagenet")
     overrides = ["recipe=resnet50_imagenet", "pruning=sapp", "trainer=cpu", f"data.root={root}", "data.batch_size=4"]
+    overrides += ["global_batch_size=null"]
     overrides += ["data.num_workers=0", "data.image_size=32", "data.val_resize=36", "trainer.precision=32-true"]
     results = run(compose_cfg(overrides + FAST, tmp_path / "out"))
     assert results["data"] == "ImageNetDataModule" and results["model"] == "resnet50"
@@ -105,7 +106,13 @@ def test_resnet50_recipe_runs_on_an_imagefolder_tree(tmp_path):
 
 def test_criteo_recipe_runs_on_a_kaggle_tsv(tmp_path):
     tsv = make_criteo_tsv(tmp_path / "train.txt")
-    overrides = ["recipe=criteo_paper", "pruning=acdc", f"data.path={tsv}", "data.batch_size=32"]
+    overrides = [
+        "recipe=criteo_paper",
+        "pruning=acdc",
+        f"data.path={tsv}",
+        "data.batch_size=32",
+        "global_batch_size=null",
+    ]
     overrides += ["data.table_size=50", f"data.cache_dir={tmp_path / 'cache'}"]
     results = run(compose_cfg(overrides + FAST, tmp_path / "out"))
     assert results["pruned_layers"] == ["net.mlp.0"]
@@ -201,3 +208,21 @@ def test_image_classifier_can_train_the_attention_logits_at_a_scaled_learning_ra
     trainer = make_trainer(tmp_path, [BlockPruning("sapp", 0.5, 4, min_blocks=1), groups], max_epochs=1)
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
     assert groups.groups == [(0.05, 1e-4, {False}), (0.05, 0.0, {False}), (pytest.approx(0.5), 1e-4, {True})]
+
+
+def test_a_global_batch_is_split_over_the_devices_and_a_share_that_does_not_divide_is_refused(tmp_path):
+    from sapp_lightning.train import pin_global_batch
+
+    class Trainer:
+        world_size, accumulate_grad_batches = 4, 2
+
+    class Data:
+        batch_size = 256
+
+    cfg = compose_cfg(["recipe=resnet50_imagenet"], tmp_path)
+    data = Data()
+    pin_global_batch(cfg, data, Trainer())
+    assert data.batch_size == 2048 // 8  # the paper's 2048 on 4 devices with 2 accumulated batches
+    Trainer.world_size = 3
+    with pytest.raises(ValueError, match="global_batch_size=2048 does not split over 3 device"):
+        pin_global_batch(cfg, data, Trainer())

@@ -38,6 +38,7 @@ def test_wandb_stores_the_heatmap_as_drawn_with_pruned_blocks_black_and_attentio
     callback.sparsifier.add_listener(
         lambda s, e: seen.append((e.step, e.segment_index, e.phase, s.layer_states())) if e.kind == "phase_end" else 0
     )
+
     class SpreadLogits(pl.Callback):  # a few steps of a tiny run barely move the attention: give it a range
         def on_train_start(self, trainer, pl_module):
             for logits in (p for layer in callback.layers for p in callback.algorithm.trainable_parameters(layer)):

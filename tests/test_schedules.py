@@ -81,7 +81,8 @@ def test_resolve_and_locate():
     assert schedule.locate(24).phase is Phase.DENSE
     start = schedule.locate(25)
     assert (start.phase, start.tau) == (Phase.SPARSIFY, 0.0)
-    assert schedule.locate(50).tau == 0.5
+    assert schedule.locate(50).tau == 25 / 49
+    assert schedule.locate(74).tau == 1.0  # a phase's last step: a sparsification phase reaches its target there
     assert schedule.locate(75).phase is Phase.SPARSE
     assert schedule.locate(1000).index == 2  # past the end: the last phase
 

@@ -54,6 +54,13 @@ def build_algorithm(algorithm: str | PruningAlgorithm, **options: Any) -> Prunin
     if not isinstance(algorithm, str):
         raise TypeError(f"algorithm must be a name or a PruningAlgorithm, got {type(algorithm).__name__}")
     cls = get_algorithm(algorithm)
+    known = {name for c in ALGORITHMS.values() for name in inspect.signature(c.__init__).parameters} - {"self"}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown algorithm option(s) {', '.join(map(repr, unknown))}; the algorithms take "
+            f"{', '.join(sorted(known))}"
+        )
     accepted = inspect.signature(cls.__init__).parameters
     return cls(**{key: value for key, value in given.items() if key in accepted})
 

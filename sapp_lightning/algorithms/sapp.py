@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -13,24 +13,61 @@ from ..distributed import rank_zero_warn
 from .base import BlockReparam, PrunedLayer, PruneMode, PruningAlgorithm, register
 
 
+class AttentionGroup:
+    """The layers of one global softmax (``softmax_scope="global"``): ``A = N_total * softmax`` over every block
+    of every layer, so a layer's attention depends on all logits."""
+
+    def __init__(self) -> None:
+        self.members: list[BlockAttention] = []
+
+    def log_normalizer(self) -> tuple[Tensor, int]:
+        logits = torch.cat([m.logits.float().reshape(-1) for m in self.members])
+        return torch.logsumexp(logits, dim=0), logits.numel()
+
+
 class BlockAttention(BlockReparam):
     """``weight * expand(A * mask)`` with ``A = N * softmax(logits)`` over the layer's N blocks.
 
-    The logits start at 0, so ``A`` is 1 everywhere and the layer is unchanged. ``clip`` bounds
-    ``A`` to ``[clip, 1 / clip]`` (SPEC section 6 #3: ``clip = 1 - target sparsity``).
+    The logits start at 0 (``init_std`` > 0: normal noise of that size), so ``A`` is 1 everywhere and the layer is
+    unchanged. ``clip`` bounds ``A`` to ``[clip, 1 / clip]`` (SPEC section 6 #3: ``clip = 1 - target sparsity``),
+    or to a ``(low, high)`` pair. ``over_kept`` takes the softmax over the kept blocks only (``N`` = their
+    number); ``group`` makes it one softmax over the blocks of every layer in the group.
     The logits, the attention and the scaling stay float32 whatever the weight's dtype (also after
     ``module.to(torch.bfloat16)``); only the effective weight is rounded to the weight's dtype.
     """
 
-    def __init__(self, layout: BlockLayout, clip: float | None = None) -> None:
+    def __init__(
+        self,
+        layout: BlockLayout,
+        clip: float | tuple[float, float] | None = None,
+        init_std: float = 0.0,
+        over_kept: bool = False,
+        group: AttentionGroup | None = None,
+    ) -> None:
         super().__init__(layout)
         self.logits = nn.Parameter(torch.zeros(layout.grid_shape, dtype=torch.float32))
+        if init_std > 0:
+            with torch.no_grad():
+                self.logits.normal_(0.0, init_std)
         self.clip = clip
+        self.over_kept = over_kept
+        self.group = group
+        if group is not None:
+            group.members.append(self)
 
     def attention(self) -> Tensor:
         logits = self.logits.float()
-        attention = logits.numel() * torch.softmax(logits.reshape(-1), dim=0).reshape(logits.shape)
-        if self.clip is not None and self.clip < 1.0:
+        if self.group is not None:
+            log_normalizer, n = self.group.log_normalizer()
+            attention = n * torch.exp(logits - log_normalizer)
+        elif self.over_kept:
+            kept = torch.where(self.block_mask, logits, torch.full_like(logits, -torch.inf))
+            attention = self.block_mask.sum() * torch.softmax(kept.reshape(-1), dim=0).reshape(logits.shape)
+        else:
+            attention = logits.numel() * torch.softmax(logits.reshape(-1), dim=0).reshape(logits.shape)
+        if isinstance(self.clip, tuple):
+            attention = attention.clamp(*self.clip)
+        elif self.clip is not None and self.clip < 1.0:
             attention = attention.clamp(self.clip, 1.0 / self.clip)
         return attention
 
@@ -63,46 +100,113 @@ class BlockAttention(BlockReparam):
 class SequentialAttentionPP(PruningAlgorithm):
     """Blocks ranked by their attention alone; dense / sparsification / sparse cycles.
 
+    Each point the paper leaves open (SPEC section 6) is an argument whose default is the spec's:
+
     Args:
-        attention_clipping: clip the attention to ``[1 - sparsity, 1 / (1 - sparsity)]`` (SPEC section 6 #3).
+        attention_clipping: clip the attention to ``[1 - sparsity, 1 / (1 - sparsity)]`` (#3).
+        clip_bounds: fixed ``(low, high)`` bounds instead (with ``attention_clipping``).
         logit_l2: coefficient ``lambda`` of ``lambda / 2 * ||logits||^2``, added as its exact gradient right before
             the optimizer steps (so AMP scaling and gradient accumulation do not change it). ``None``: the weight
-            decay of the pruned weights' parameter group, or 0 when the optimizer already decays the logits.
+            decay of the pruned weights' parameter group, or 0 when the optimizer already decays the logits (#11).
+        logit_init_std: the logits start as ``N(0, std^2)``; 0 (default, #1) makes ``A`` 1 everywhere.
+        softmax_scope: ``"layer"`` (default, #2): a softmax over each layer's blocks times their number;
+            ``"global"``: one softmax over the blocks of every pruned layer, times their total number.
+        softmax_over: ``"all"`` blocks (default, #9, Algorithm 1) or only the ``"kept"`` ones.
+        score: what ranks the blocks: ``"attention"`` (default) or ``"magnitude"``, the Frobenius norm of each
+            block of the effective weight ``W * A`` with the same schedule, resets and phases (the paper's
+            Fig. 2(a) comparison).
+        clip_ties: how blocks tied at a clipping bound are ranked: by their unclipped ``"logit"`` (default)
+            or by ``"index"`` (ranking the clipped attention, ties to the lower index, #12).
         prune_mode: ``"mask"`` (default, Algorithm 1) keeps pruned values under a zero mask; ``"zero"`` also
-            zeroes them when they are pruned, so regrown blocks restart from 0.
+            zeroes them when they are pruned, so regrown blocks restart from 0 (#8).
 
     Example:
         >>> SequentialAttentionPP(attention_clipping=False, logit_l2=1e-4)
         SequentialAttentionPP(prune_mode='mask', attention_clipping=False)
+        >>> SequentialAttentionPP(score="magnitude").config()["score"]
+        'magnitude'
     """
 
     plan_kind = "sapp"
     default_prune_mode = "mask"
     importance_name = "attention"
+    #: defaults of the settings that are part of the configuration (only those that differ are listed)
+    DEFAULTS: ClassVar[dict[str, Any]] = dict(
+        clip_bounds=None, logit_init_std=0.0, softmax_scope="layer", softmax_over="all", score="attention",
+        clip_ties="logit",
+    )  # fmt: skip
 
     def __init__(
-        self, *, attention_clipping: bool = True, logit_l2: float | None = None, prune_mode: PruneMode | None = None
+        self,
+        *,
+        attention_clipping: bool = True,
+        clip_bounds: Sequence[float] | None = None,
+        logit_l2: float | None = None,
+        logit_init_std: float = 0.0,
+        softmax_scope: str = "layer",
+        softmax_over: str = "all",
+        score: str = "attention",
+        clip_ties: str = "logit",
+        prune_mode: PruneMode | None = None,
     ) -> None:
         super().__init__(prune_mode)
         if logit_l2 is not None and not (isinstance(logit_l2, int | float) and logit_l2 >= 0):
             raise ValueError(f"logit_l2 must be >= 0 or None, got {logit_l2!r}")
+        if not (isinstance(logit_init_std, int | float) and logit_init_std >= 0):
+            raise ValueError(f"logit_init_std must be >= 0, got {logit_init_std!r}")
+        if clip_bounds is not None:
+            clip_bounds = tuple(float(b) for b in clip_bounds)
+            if len(clip_bounds) != 2 or not 0 < clip_bounds[0] <= clip_bounds[1]:
+                raise ValueError(f"clip_bounds must be (low, high) with 0 < low <= high, got {clip_bounds!r}")
+        for name, value, allowed in (
+            ("softmax_scope", softmax_scope, ("layer", "global")),
+            ("softmax_over", softmax_over, ("all", "kept")),
+            ("score", score, ("attention", "magnitude")),
+            ("clip_ties", clip_ties, ("logit", "index")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         self.attention_clipping = bool(attention_clipping)
+        self.clip_bounds = clip_bounds
         self.logit_l2 = logit_l2
+        self.logit_init_std = float(logit_init_std)
+        self.softmax_scope, self.softmax_over, self.score, self.clip_ties = (
+            softmax_scope,
+            softmax_over,
+            score,
+            clip_ties,
+        )
+        self.importance_name = "attention" if score == "attention" else "block norm"
         #: the coefficient in use once attached (``logit_l2`` resolved against the optimizer)
         self.effective_logit_l2 = 0.0
         self._logits_by_optimizer: dict[int, list[nn.Parameter]] = {}
+        self._group = AttentionGroup() if softmax_scope == "global" else None
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "attention_clipping": self.attention_clipping}
+        changed = {k: getattr(self, k) for k, default in self.DEFAULTS.items() if getattr(self, k) != default}
+        if "clip_bounds" in changed:
+            changed["clip_bounds"] = list(changed["clip_bounds"])
+        return {**super().config(), "attention_clipping": self.attention_clipping, **changed}
 
     def make_reparam(self, layout: BlockLayout, sparsity: float) -> BlockAttention:
-        clip = (1.0 - sparsity) if self.attention_clipping and sparsity > 0 else None
-        return BlockAttention(layout, clip=clip)
+        clip = None
+        if self.attention_clipping:
+            clip = self.clip_bounds or ((1.0 - sparsity) if sparsity > 0 else None)
+        return BlockAttention(
+            layout, clip=clip, init_std=self.logit_init_std, over_kept=self.softmax_over == "kept", group=self._group
+        )
 
     def block_scores(self, layer: PrunedLayer) -> Tensor:
+        if self.score == "magnitude":
+            return super().block_scores(layer)
+        if self.clip_ties == "index":
+            with torch.no_grad():
+                return _attention_of(layer).attention()
         return _attention_of(layer).logits.detach()
 
     def block_importance(self, layer: PrunedLayer) -> Tensor:
+        if self.score == "magnitude":
+            return super().block_importance(layer)
         with torch.no_grad():
             return _attention_of(layer).attention()
 
@@ -152,8 +256,9 @@ class SequentialAttentionPP(PruningAlgorithm):
             else:
                 logits.grad.add_(logits.detach(), alpha=self.effective_logit_l2)
 
-    def __getstate__(self) -> dict[str, Any]:  # optimizers are per run: a copy starts unattached
-        return {**self.__dict__, "_logits_by_optimizer": {}, "effective_logit_l2": 0.0}
+    def __getstate__(self) -> dict[str, Any]:  # optimizers and layers are per run: a copy starts unattached
+        group = AttentionGroup() if self.softmax_scope == "global" else None
+        return {**self.__dict__, "_logits_by_optimizer": {}, "effective_logit_l2": 0.0, "_group": group}
 
 
 def _attention_of(layer: PrunedLayer) -> BlockAttention:
