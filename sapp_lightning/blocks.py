@@ -5,6 +5,8 @@ Pure torch, no Lightning. Blocks live in the paper's orientation: the *kernel ma
 
 * ``nn.Linear``: ``kernel = weight.T``
 * ``nn.Conv2d``: ``kernel = weight.permute(2, 3, 1, 0).reshape(kh * kw * cin, cout)``
+* ``nn.Conv1d``: the same with ``kh = 1``: ``weight.permute(2, 1, 0).reshape(k * cin, cout)``
+* Hugging Face ``Conv1D`` (GPT-2's attention and MLP): ``kernel = weight``, already stored ``(in, out)``
 * ``nn.Embedding``: ``kernel = weight`` (rows are table entries)
 
 A block size ``(rows, cols)`` tiles the kernel; where it does not divide a dimension the edge
@@ -26,7 +28,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-KernelKind = Literal["linear", "conv2d", "embedding"]
+KernelKind = Literal["linear", "conv2d", "conv1d", "hf_conv1d", "embedding"]
+_KERNEL_IS_WEIGHT = ("embedding", "hf_conv1d")  # kinds whose weight is stored fan_in x fan_out already
+_CONV = ("conv2d", "conv1d")
 BlockSize = int | tuple[int, int]
 
 
@@ -50,14 +54,26 @@ def normalize_block_size(block_size: BlockSize) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D`` (a linear layer storing its weight ``(in, out)``),
+    recognised without importing ``transformers``."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(weight, "dim", lambda: 0)() == 2
+
+
 def kernel_kind(module: nn.Module) -> KernelKind | None:
-    """The kernel layout used for ``module``'s weight, or ``None`` if it cannot be blocked."""
+    """The kernel layout used for ``module``'s weight, or ``None`` if it cannot be blocked (grouped and
+    depthwise convolutions, other types)."""
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Conv2d) and module.groups == 1:
         return "conv2d"
+    if isinstance(module, nn.Conv1d) and module.groups == 1:
+        return "conv1d"
     if isinstance(module, nn.Embedding):
         return "embedding"
+    if is_hf_conv1d(module):
+        return "hf_conv1d"
     return None
 
 
@@ -71,9 +87,9 @@ class BlockLayout:
 
     @classmethod
     def for_weight(cls, weight: Tensor, block_size: BlockSize, kind: KernelKind | None = None) -> BlockLayout:
-        """Layout for a weight; ``kind`` defaults to ``linear`` for 2-D and ``conv2d`` for 4-D tensors."""
+        """Layout for a weight; ``kind`` defaults to ``linear`` for 2-D, ``conv1d`` for 3-D and ``conv2d`` for 4-D."""
         if kind is None:
-            kind = {2: "linear", 4: "conv2d"}.get(weight.dim())
+            kind = {2: "linear", 3: "conv1d", 4: "conv2d"}.get(weight.dim())
             if kind is None:
                 raise ValueError(f"cannot block a {weight.dim()}-D weight; expected 2-D (Linear) or 4-D (Conv2d)")
         return cls(kind, tuple(weight.shape), normalize_block_size(block_size))
@@ -87,12 +103,21 @@ class BlockLayout:
 
     # --- shapes -------------------------------------------------------------------------------
     @property
+    def conv_dims(self) -> tuple[int, int, int, int]:
+        """``(cout, cin, kh, kw)`` of a convolution (``kh = 1`` for Conv1d)."""
+        if self.kind == "conv1d":
+            cout, cin, k = self.weight_shape
+            return cout, cin, 1, k
+        cout, cin, kh, kw = self.weight_shape
+        return cout, cin, kh, kw
+
+    @property
     def kernel_shape(self) -> tuple[int, int]:
         if self.kind == "linear":
             out_features, in_features = self.weight_shape
             return in_features, out_features
-        if self.kind == "conv2d":
-            cout, cin, kh, kw = self.weight_shape
+        if self.kind in _CONV:
+            cout, cin, kh, kw = self.conv_dims
             return kh * kw * cin, cout
         rows, cols = self.weight_shape
         return rows, cols
@@ -125,15 +150,18 @@ class BlockLayout:
         """The fan_in x fan_out kernel matrix of ``weight`` (a view where possible)."""
         if self.kind == "linear":
             return weight.t()
-        if self.kind == "conv2d":
-            cout, cin, kh, kw = self.weight_shape
-            return weight.permute(2, 3, 1, 0).reshape(kh * kw * cin, cout)
+        if self.kind in _CONV:
+            cout, cin, kh, kw = self.conv_dims
+            return weight.reshape(cout, cin, kh, kw).permute(2, 3, 1, 0).reshape(kh * kw * cin, cout)
         return weight
 
     def from_kernel(self, kernel: Tensor) -> Tensor:
         """Inverse of :meth:`to_kernel` (a view of ``kernel``)."""
         if self.kind == "linear":
             return kernel.t()
+        if self.kind == "conv1d":
+            cout, cin, k = self.weight_shape
+            return kernel.reshape(k, cin, cout).permute(2, 1, 0)
         if self.kind == "conv2d":
             cout, cin, kh, kw = self.weight_shape
             return kernel.reshape(kh, kw, cin, cout).permute(3, 2, 0, 1)
@@ -157,18 +185,18 @@ class BlockLayout:
             return None
         if self.kind == "linear":
             return weight.view(gc, c, gr, r)
-        if self.kind == "embedding":
+        if self.kind in _KERNEL_IS_WEIGHT:
             return weight.view(gr, r, gc, c)
-        cout, cin, kh, kw = self.weight_shape
+        cout, cin, kh, kw = self.conv_dims
         return weight.view(gc, c, cin // r, r, kh, kw) if cin % r == 0 else None
 
     def grid_to_view(self, per_block: Tensor) -> Tensor:
         """``per_block`` (``grid_shape``) laid out to broadcast over :meth:`block_view`."""
         if self.kind == "linear":
             return per_block.t()[:, None, :, None]
-        if self.kind == "embedding":
+        if self.kind in _KERNEL_IS_WEIGHT:
             return per_block[:, None, :, None]
-        cout, cin, kh, kw = self.weight_shape
+        cout, cin, kh, kw = self.conv_dims
         grid = per_block.reshape(kh, kw, cin // self.block_size[0], cout // self.block_size[1])
         return grid.permute(3, 2, 0, 1)[:, None, :, None, :, :]
 
@@ -176,7 +204,7 @@ class BlockLayout:
         """Inverse of :meth:`grid_to_view` for a :meth:`block_view` reduced over axes 1 and 3."""
         if self.kind == "linear":
             return reduced.t()
-        if self.kind == "embedding":
+        if self.kind in _KERNEL_IS_WEIGHT:
             return reduced
         return reduced.permute(2, 3, 1, 0).reshape(self.grid_shape)
 

@@ -80,13 +80,14 @@ def committed_state_dict(
     dropped = {key for key in state if key.endswith(LEGACY_CONFIG_KEY)}
     for root, cfg in configs.items():
         algorithm = build_algorithm(cfg["algorithm"], **_algorithm_options(cfg))
-        for name, kind in zip(cfg["layers"], cfg["kinds"]):
+        params = cfg.get("params") or ["weight"] * len(cfg["layers"])
+        for name, kind, param in zip(cfg["layers"], cfg["kinds"], params):
             prefix = f"{root}{name}." if name else root
-            pending[prefix], used = _fold_layer(state, prefix, kind, cfg, algorithm)
+            pending[prefix], used = _fold_layer(state, prefix, param, kind, cfg, algorithm)
             dropped.update(used)
     plain: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        # the weight comes first among a layer's entries, as in the model before training
+        # the weight comes first among its module's entries, as in the model before training
         prefix = next((p for p in pending if key.startswith(p)), None)
         if prefix is not None:
             weight_key, weight = pending.pop(prefix)
@@ -100,9 +101,8 @@ def _algorithm_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {key: cfg[key] for key in ("prune_mode", "attention_clipping") if key in cfg}
 
 
-def _fold_layer(state, prefix: str, kind: str, cfg, algorithm) -> tuple[tuple[str, torch.Tensor], list[str]]:
+def _fold_layer(state, prefix: str, param: str, kind: str, cfg, algorithm) -> tuple[tuple[str, torch.Tensor], list]:
     """One layer's committed weight: ``((its key, the tensor), the keys it replaces)``."""
-    param = "weight"
     reparam_prefix = f"{prefix}parametrizations.{param}."
     if reparam_prefix + "original" in state:
         original = state[reparam_prefix + "original"]

@@ -1,4 +1,10 @@
-"""Which layers of a model get pruned: type, include/exclude patterns and the block-count rule."""
+"""Which weights of a model get pruned, and why the others stay dense.
+
+Eligible by default: ``nn.Linear`` and its subclasses (attention output projections included), Hugging Face's
+``Conv1D`` (GPT-2), ``nn.Conv2d`` with ``groups == 1``, and the Q/K/V input projection of
+``nn.MultiheadAttention``; ``nn.Conv1d`` and ``nn.Embedding`` when ``include`` names them. Every weight matrix or
+kernel of the model gets a :class:`LayerChoice` saying whether it is pruned and, if not, why.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .blocks import BlockLayout, BlockSize, kernel_kind
+from .blocks import BlockLayout, BlockSize, kernel_kind, normalize_block_size
 
-DEFAULT_TYPES = ("linear", "conv2d")  # embeddings only when a user includes them
+DEFAULT_TYPES = ("linear", "conv2d", "hf_conv1d")  # Conv1d and embeddings only when a user includes them
 
 
 def compile_patterns(patterns: str | Sequence[str] | None, argument: str) -> tuple[re.Pattern, ...]:
@@ -35,6 +41,66 @@ class Candidate:
     layout: BlockLayout
     param_name: str = "weight"
 
+    @property
+    def weight(self) -> nn.Parameter:
+        return getattr(self.module, self.param_name)
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """One weight of the model: pruned (``reason`` is ``None``) or left dense, and why."""
+
+    name: str
+    type_name: str
+    layout: BlockLayout | None
+    reason: str | None = None
+
+    @property
+    def pruned(self) -> bool:
+        return self.reason is None
+
+
+def _weights(module: nn.Module) -> list[tuple[str, str | None]]:
+    """``(parameter name, kernel kind or None)`` for each weight matrix or kernel held directly by ``module``."""
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is not None:
+            return [("in_proj_weight", "linear")]
+        return [(p, None) for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
+    weight = module._parameters.get("weight")
+    if weight is None or weight.dim() < 2:
+        return []
+    return [("weight", kernel_kind(module))]
+
+
+def _unsupported(module: nn.Module) -> str:
+    groups = getattr(module, "groups", 1)
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and groups > 1:
+        return "depthwise convolution" if groups == module.in_channels else f"grouped convolution (groups={groups})"
+    if isinstance(module, nn.MultiheadAttention):
+        return "separate Q/K/V projection weights (kdim or vdim differ from embed_dim)"
+    return f"unsupported type {type(module).__name__}"
+
+
+def _walk(model: nn.Module, block: tuple[int, int], include: Sequence[re.Pattern], exclude: Sequence[re.Pattern]):
+    """Every weight of ``model`` as ``(candidate or None, choice)``, judged by type and name only."""
+    for name, module in model.named_modules():
+        for param_name, kind in _weights(module):
+            label = name if param_name == "weight" else f"{name}.{param_name}"
+            type_name = type(module).__name__
+            if kind is None:
+                yield None, LayerChoice(label, type_name, None, _unsupported(module))
+                continue
+            layout = BlockLayout(kind, tuple(getattr(module, param_name).shape), block)
+            reason = None
+            if include and not any(p.search(name) for p in include):
+                reason = "not included"
+            elif not include and kind not in DEFAULT_TYPES:
+                reason = f"{type_name} is pruned only when include names it"
+            elif any(p.search(name) for p in exclude):
+                reason = "excluded"
+            candidate = Candidate(name, module, layout, param_name) if reason is None else None
+            yield candidate, LayerChoice(label, type_name, layout, reason)
+
 
 def candidate_layers(
     model: nn.Module,
@@ -42,74 +108,73 @@ def candidate_layers(
     include: Iterable[re.Pattern] = (),
     exclude: Iterable[re.Pattern] = (),
 ) -> list[Candidate]:
-    """Layers whose weight can be pruned, before the block-count rule.
+    """The weights of the eligible types whose names match, before the block-count rule (tied ones too)."""
+    block = normalize_block_size(block_size)
+    return [c for c, _ in _walk(model, block, tuple(include), tuple(exclude)) if c is not None]
 
-    Without ``include``: every ``nn.Linear`` and ``nn.Conv2d`` with ``groups == 1``. With it: the
-    blockable modules (those two and ``nn.Embedding``) whose name matches one pattern. ``exclude``
-    removes matches in both cases. Patterns are searched (``re.search``) in module names.
+
+def survey(
+    model: nn.Module,
+    block_size: BlockSize,
+    min_blocks: int = 0,
+    include: Iterable[re.Pattern] = (),
+    exclude: Iterable[re.Pattern] = (),
+) -> tuple[list[Candidate], list[LayerChoice], list[Candidate]]:
+    """The weights to prune, a :class:`LayerChoice` for every weight of the model (in module order), and the
+    eligible weights shared by several modules (tied).
+
+    A tied weight is reported with ``reason="tied with ..."`` and not chosen; the caller decides what to do with
+    it (see :class:`~sapp_lightning.BlockSparsifier`).
     """
-    include, exclude = tuple(include), tuple(exclude)
-    found = []
-    for name, module in model.named_modules():
-        kind = kernel_kind(module)
-        if kind is None:
-            continue
-        if include:
-            if not any(p.search(name) for p in include):
-                continue
-        elif kind not in DEFAULT_TYPES:
-            continue
-        if any(p.search(name) for p in exclude):
-            continue
-        found.append(Candidate(name, module, BlockLayout.for_module(module, block_size)))
-    return found
+    block = normalize_block_size(block_size)
+    owners = _owners(model)
+    chosen: list[Candidate] = []
+    tied: list[Candidate] = []
+    choices: list[LayerChoice] = []
+    for candidate, choice in _walk(model, block, tuple(include), tuple(exclude)):
+        if candidate is not None:
+            module, layout = candidate.module, candidate.layout
+            holders = owners[id(candidate.weight)]
+            reason = None
+            if layout.num_blocks < min_blocks:
+                reason = f"{layout.num_blocks} blocks, under min_blocks={min_blocks}"
+            elif isinstance(module, nn.MultiheadAttention) and module.embed_dim % block[1]:
+                reason = (
+                    f"embed_dim {module.embed_dim} is not a multiple of the block's {block[1]} outputs: blocks "
+                    "would straddle Q, K and V"
+                )
+            elif len(holders) > 1:
+                others = [h for h in holders if h != f"{candidate.name}.{candidate.param_name}"]
+                reason = f"tied with {', '.join(others)}"
+                tied.append(candidate)
+            choice = LayerChoice(choice.name, choice.type_name, layout, reason)
+            if reason is None:
+                chosen.append(candidate)
+        choices.append(choice)
+    return chosen, choices, tied
 
 
-def shared_weight_owners(model: nn.Module, candidates: Sequence[Candidate]) -> dict[str, list[str]]:
-    """For each candidate whose weight another module also holds, the names of all holders."""
+def _owners(model: nn.Module) -> dict[int, list[str]]:
     holders: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         for param_name, param in module.named_parameters(recurse=False):
             holders.setdefault(id(param), []).append(f"{name}.{param_name}" if name else param_name)
-    shared = {}
-    for cand in candidates:
-        owners = sorted(set(holders.get(id(cand.module.weight), [])))
-        if len(owners) > 1:
-            shared[cand.name] = owners
-    return shared
+    return {key: sorted(set(value)) for key, value in holders.items()}
 
 
-def select_layers(
-    model: nn.Module,
-    block_size: BlockSize,
-    min_blocks: int,
-    include: Sequence[re.Pattern] = (),
-    exclude: Sequence[re.Pattern] = (),
-) -> tuple[list[Candidate], list[Candidate]]:
-    """The layers to prune and the candidates left dense for having fewer than ``min_blocks`` blocks.
-
-    Raises ``ValueError`` (before anything is changed) when nothing can be pruned or a chosen weight is
-    shared by two modules.
-    """
-    candidates = candidate_layers(model, block_size, include, exclude)
-    chosen = [c for c in candidates if c.layout.num_blocks >= min_blocks]
-    if not chosen:
-        if candidates:
-            found = ", ".join(f"{c.name} ({c.layout.num_blocks} blocks)" for c in candidates[:10])
-            size = tuple(candidates[0].layout.block_size)
-            raise ValueError(
-                f"no layer has at least min_blocks={min_blocks} blocks of size {size}; "
-                f"candidates: {found}. Use a smaller block_size or min_blocks."
-            )
-        raise ValueError(
-            "no layer to prune: the model has no nn.Linear or nn.Conv2d (groups=1) layer"
-            + (" matching include/exclude" if include or exclude else "")
+def format_choices(choices: Sequence[LayerChoice]) -> str:
+    """The set-up summary: one row per weight, its block grid, and why it stays dense."""
+    rows = [
+        (
+            c.name,
+            c.type_name,
+            "x".join(map(str, c.layout.grid_shape)) if c.layout else "—",
+            "yes" if c.pruned else "no",
+            c.reason or "",
         )
-    shared = shared_weight_owners(model, chosen)
-    if shared:
-        name, owners = next(iter(shared.items()))
-        raise ValueError(
-            f"the weight of layer {name!r} is shared by {', '.join(owners)}; BlockPruning cannot prune a "
-            "shared weight consistently. Exclude the layer (exclude=[...]) or untie the weights."
-        )
-    return chosen, [c for c in candidates if c.layout.num_blocks < min_blocks]
+        for c in choices
+    ]
+    header = ("layer", "type", "blocks", "pruned", "why not")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), *map(line, rows)])

@@ -27,7 +27,7 @@ from conftest import (
 )
 from torch import nn
 
-from sapp_lightning import BlockPruning, BlockSparsifier, keep_count
+from sapp_lightning import BlockPruning, BlockSparsifier, block_sparsity, keep_count
 
 
 def test_unknown_algorithm_lists_the_four():
@@ -286,16 +286,26 @@ class TiedNet(TinyNet):
         self.embedding.weight = self.fc1.weight
 
 
-def test_a_weight_shared_by_two_modules_is_refused_unless_excluded(tmp_path):
+def test_a_tied_weight_stays_dense_with_a_warning_and_is_pruned_once_when_included(tmp_path):
     model = TiedNet()
     before = state_of(model)
-    with pytest.raises(ValueError, match=r"the weight of layer 'fc1' is shared by embedding.weight, fc1.weight"):
-        make_trainer(tmp_path, [pruning("sapp")]).fit(model, tiny_loader())
-    assert_same_state(state_of(model), before)
-    callback = pruning("sapp", exclude=["fc1"])
-    make_trainer(tmp_path, [callback], max_epochs=2).fit(model, tiny_loader())
+    callback = pruning("sapp")
+    with pytest.warns(
+        UserWarning, match=r"tied weights stay dense: fc1 \(tied with embedding.weight\).*include=\[\.\.\.\]"
+    ):
+        make_trainer(tmp_path, [callback], max_epochs=2).fit(model, tiny_loader())
     assert [layer.name for layer in callback.layers] == ["conv"]
     assert model.embedding.weight is model.fc1.weight
+    assert "fc1  " in callback.sparsifier.summary() and "tied with embedding.weight" in callback.sparsifier.summary()
+    model = TiedNet()
+    with pytest.raises(ValueError, match=r"include names 'fc1', whose weight is tied with embedding.weight: sapp in "):
+        make_trainer(tmp_path, [pruning("sapp", include=["fc1"])]).fit(model, tiny_loader())
+    assert list(state_of(model)) == list(before)  # refused before anything changed
+    callback = pruning("acdc", include=["fc1"])
+    make_trainer(tmp_path, [callback], max_epochs=2).fit(model, tiny_loader())
+    assert [layer.name for layer in callback.layers] == ["fc1"]  # pruned once, through its first owner
+    assert model.embedding.weight is model.fc1.weight  # still one tensor, with the same zero blocks for both
+    assert block_sparsity(model, BLOCK, include=["fc1"])["fc1"].zero_blocks == PRUNED["fc1"] - keep_count(192, 0.5)
 
 
 @pytest.mark.parametrize("stage", ["validate", "test", "predict"])

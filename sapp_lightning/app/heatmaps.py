@@ -65,9 +65,9 @@ def _draw(ax: Any, state: LayerState, norm: Any) -> Any:
 def _label_taps(ax: Any, state: LayerState) -> str:
     """For a conv layer whose blocks stay inside one tap: lines between taps and ``(h, w)`` ticks."""
     layout = state.layout
-    if layout.kind != "conv2d":
+    if layout.kind not in ("conv2d", "conv1d"):
         return "fan-in blocks"
-    _, cin, kh, kw = layout.weight_shape
+    _, cin, kh, kw = layout.conv_dims
     rows = layout.block_size[0]
     if kh * kw == 1:
         return "fan-in blocks (input channels)"
