@@ -43,7 +43,10 @@ assert not heavy, f"importing sapp_lightning pulled in {heavy}"
 assert sapp_lightning.__file__.startswith(sys.prefix), sapp_lightning.__file__
 print("core install: import sapp_lightning (callback, report, export) loads none of", ", ".join(app))
 PY
+site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+core_mb=$(du -sm "$site" | cut -f1)
 "$venv/bin/python" -m pip install --quiet "$wheel[app]" $torch_spec
+echo "installed size (site-packages, torch included): core ${core_mb} MB, with [app] $(du -sm "$site" | cut -f1) MB"
 
 "$venv/bin/python" "$repo/tests/datagen.py" "$work/data" >/dev/null
 data="$work/data"
