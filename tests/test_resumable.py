@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import make_trainer
 from datagen import make_criteo_tsv, make_fashion_dir, make_imagefolder, make_ml100k_dir
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
@@ -266,17 +267,7 @@ def fit(make, root: Path, ckpt_dir: Path, ckpt_path: Path | None = None, **data)
         ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1),
         ModelCheckpoint(dirpath=ckpt_dir, filename="end-{epoch}", save_top_k=-1),  # at each epoch's end
     ]
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        callbacks=checkpoints,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=root,
-    )
+    trainer = make_trainer(root, checkpoints, max_epochs=2, enable_checkpointing=True, limit_val_batches=0)
     trainer.fit(model, dm, ckpt_path=ckpt_path)
     return torch.cat([p.detach().flatten() for p in model.parameters()]), trainer
 
@@ -343,19 +334,7 @@ def test_ddp_ranks_train_on_disjoint_rows_from_the_modules_own_sampler(tmp_path,
     dm = CriteoDataModule(tmp_path / "train.txt", cache_dir=tmp_path / "cache", table_size=50, batch_size=16)
     model = RowRecorder(dm.cardinalities, tmp_path)
     strategy = "ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork"  # a process that touched CUDA cannot fork
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = make_trainer(tmp_path, [], max_epochs=1, devices=2, strategy=strategy, limit_val_batches=0)
     trainer.fit(model, dm)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [r["loader"] for r in ranks] == [("ResumableDataLoader", 0, 2), ("ResumableDataLoader", 1, 2)]
