@@ -7,7 +7,6 @@ same code serves ``pytorch_lightning`` (:class:`BlockPruning`, here) and ``light
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -21,8 +20,6 @@ from .events import Lifecycle, PruningEvent
 from .report import SparsityReport
 from .schedules import Phase, PhasePlan, StepSchedule
 from .sparsifier import BlockSparsifier
-
-log = logging.getLogger("sapp_lightning")
 
 
 def _from_sparsifier(name: str) -> Any:
@@ -63,7 +60,9 @@ class BlockPruningHooks:
             check_finite_every_n_steps=check_finite_every_n_steps, sparsify_every_n_steps=sparsify_every_n_steps,
             sparsify_regrowth=sparsify_regrowth, ranking=ranking, **algorithm_options,
         )  # fmt: skip
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)):
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
             raise ValueError(f"total_steps must be an int >= 1 or None, got {total_steps!r}")
         self.verify_masks_across_ranks = verify_masks_across_ranks
         self.total_steps = total_steps

@@ -339,6 +339,7 @@ def test_an_algorithm_that_is_neither_a_name_nor_an_object():
         (dict(schedule_exponent=0), "schedule_exponent must be > 0"),
         (dict(logit_l2=-1.0), "logit_l2 must be >= 0 or None"),
         (dict(total_steps=2.5), "total_steps must be an int >= 1 or None"),
+        (dict(total_steps=0), "total_steps must be an int >= 1 or None"),
     ],
 )
 def test_bad_numeric_options(option, message):
