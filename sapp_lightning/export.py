@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .blocks import BlockLayout, BlockSize, KernelKind, is_hf_conv1d, normalize_block_size
+from .blocks import BlockLayout, BlockSize, KernelKind, is_hf_conv1d, kernel_kind, normalize_block_size
 
 log = logging.getLogger(__name__)
 
@@ -484,40 +484,51 @@ class _Asked:
     out_projs: set[int]  # ids of nn.MultiheadAttention's out_proj modules
 
 
+def _block_counts(module: nn.Module, param_name: str, block: tuple[int, int]) -> dict[str, int]:
+    """``nonzero_blocks`` and ``num_blocks`` of a weight that has a block grid (none for depthwise convolutions)."""
+    kind = "linear" if isinstance(module, nn.MultiheadAttention) else kernel_kind(module)
+    weight = getattr(module, param_name)
+    if kind is None or weight.dtype.is_complex:
+        return {}
+    grid = BlockLayout(kind, tuple(weight.shape), block)
+    with torch.no_grad():
+        kept = int((grid.block_sq_norms(weight.detach()) != 0).sum())
+    return {"nonzero_blocks": kept, "num_blocks": grid.num_blocks}
+
+
 def _choose(name: str, label: str, module: nn.Module, param_name: str, asked: _Asked) -> ExportChoice:
     block, min_sparsity, layout = asked.block, asked.min_sparsity, asked.layout
     type_name = type(module).__name__
+    counts = _block_counts(module, param_name, block)  # shown for the layers that stay dense too
+
+    def dense(why: str) -> ExportChoice:
+        return ExportChoice(label, type_name, None, why, **counts)
+
     hf = is_hf_conv1d(module)
     if id(module) in asked.out_projs:
-        return ExportChoice(label, type_name, None, _MHA_OUT_PROJ)
+        return dense(_MHA_OUT_PROJ)
     if not (isinstance(module, nn.Linear) or hf):
-        return ExportChoice(label, type_name, None, _no_kernel(module, param_name))
+        return dense(_no_kernel(module, param_name))
     if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
-        return ExportChoice(label, type_name, None, f"{type_name} overrides nn.Linear.forward")
+        return dense(f"{type_name} overrides nn.Linear.forward")
     if asked.includes and not _matches(name, asked.includes):
-        return ExportChoice(label, type_name, None, "not included")
+        return dense("not included")
     if _matches(name, asked.excludes):
-        return ExportChoice(label, type_name, None, "excluded")
+        return dense("excluded")
     weight = module.weight
     if weight.device.type == "cpu" and weight.dtype not in (torch.float32, torch.float64):
-        return ExportChoice(label, type_name, None, f"{weight.dtype}: torch's CPU sparse kernels take float32/64")
+        return dense(f"{weight.dtype}: torch's CPU sparse kernels take float32/64")
     tied = [o for o in asked.owners.get(id(weight), []) if o != f"{label}.weight"]
     if tied:
-        return ExportChoice(label, type_name, None, f"tied with {', '.join(tied)}")
-    kind: KernelKind = "hf_conv1d" if hf else "linear"
-    grid = BlockLayout.for_weight(weight, block, kind=kind)
-    with torch.no_grad():
-        kept = int((grid.block_sq_norms(weight) != 0).sum())
-    counts = dict(nonzero_blocks=kept, num_blocks=grid.num_blocks)
-    zero = 1.0 - kept / grid.num_blocks
-    matrix_shape = grid.kernel_shape[::-1]  # out x in
+        return dense(f"tied with {', '.join(tied)}")
+    zero = 1.0 - counts["nonzero_blocks"] / counts["num_blocks"]
+    matrix_shape = tuple(weight.shape[::-1] if hf else weight.shape)  # out x in
     blocksize = _bsr_blocksize(matrix_shape, block)
     if zero < min_sparsity:
-        why = f"{zero:.1%} zero blocks, under min_sparsity={min_sparsity:.0%}"
-        return ExportChoice(label, type_name, None, why, **counts)
+        return dense(f"{zero:.1%} zero blocks, under min_sparsity={min_sparsity:.0%}")
     if layout == "bsr" and blocksize is None:
         raise ValueError(
-            f"layout 'bsr' needs blocks that tile the weight: {label} is {tuple(matrix_shape)} (out x in), not "
+            f"layout 'bsr' needs blocks that tile the weight: {label} is {matrix_shape} (out x in), not "
             f"a multiple of {(block[1], block[0])}; use layout='csr' or 'auto'"
         )
     if layout == "auto":
@@ -525,7 +536,7 @@ def _choose(name: str, label: str, module: nn.Module, param_name: str, asked: _A
     else:
         chosen, why = layout, f"layout={layout!r} asked"
     if chosen is None:
-        return ExportChoice(label, type_name, None, why, **counts)
+        return dense(why)
     return ExportChoice(label, type_name, chosen, why, blocksize if chosen == "bsr" else None, **counts)
 
 
