@@ -160,7 +160,8 @@ class BlockSparseLinear(nn.Module):
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
         rows = flat.shape[0]
-        if self.layout == "bsr" and rows % BSR_PAD and (rows > BSR_UNPADDED_ROWS or min(self.blocksize) < BIG_BLOCK):
+        pad = self.layout == "bsr" and rows % BSR_PAD and self.weight.device.type == "cpu"
+        if pad and (rows > BSR_UNPADDED_ROWS or min(self.blocksize) < BIG_BLOCK):
             # MKL's BSR kernel is 3-100x slower when the column count is not a multiple of 16: pad with zeros.
             padded = flat.new_zeros(self.in_features, rows + BSR_PAD - rows % BSR_PAD)
             padded[:, :rows] = flat.t()
