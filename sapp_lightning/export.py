@@ -57,11 +57,11 @@ LAYOUTS = ("auto", "bsr", "csr")
 DEFAULT_BATCH_SIZE = 32
 
 # The layout rule (docs/results.md section 3 has the measurements behind each number; one CPU thread, MKL):
-DENSE_MARGIN = 1.1  # a sparse layout must be expected at least this much faster than dense, or the layer stays dense
+DENSE_MARGIN = 1.1  # the rule was fitted counting a layout as a win only when at least this much faster than dense
 MIN_ZERO = 0.8  # under 80% zero blocks sparse products win 1.0-1.5x at best and lose at 1-4 and 100+ rows
 FEW_ROWS = 2  # 1-2 rows: dense is a memory-bound GEMV, hard to beat ...
 FEW_ROWS_CSR_MIN_ZERO = 0.9  # ... CSR needs 90% zero blocks there; BSR with blocks of 16+ beats it
-BIG_BLOCK = 16  # blocks this large (both sides): BSR for few rows, CSR otherwise (BSR's padding wastes more)
+BIG_BLOCK = 16  # blocks this large (both sides): BSR for 1-2 rows, CSR from 4 rows on (measured up to 256)
 SMALL_BLOCK_BSR_ROWS = 16  # blocks under 16: BSR (padded) from 16 rows, CSR below
 BSR_PAD = 16  # MKL's BSR product is fast only for a multiple of 16 right-hand columns (batch rows): pad to it
 BSR_UNPADDED_ROWS = 4  # ... except up to 4 rows with blocks of 16+, where its unpadded kernel is faster still
@@ -426,6 +426,20 @@ def to_block_sparse(
     Returns:
         The model with its sparse layers replaced (for inference: the sparse modules have no gradients), with
         the summary as its ``block_sparse_summary`` attribute.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Conv1d(1, 1, 3))
+        >>> with torch.no_grad():
+        ...     net[0].weight[16:] = 0  # 1 of 4 rows of blocks of 16 kept: 75% zero blocks
+        ...     net[0].weight[:, 16:] = 0  # and 1 of 4 columns: 94%
+        >>> for batch in (1, 64):
+        ...     summary = to_block_sparse(net, block_size=16, batch_size=batch).block_sparse_summary
+        ...     for c in summary.choices:
+        ...         print(batch, c.name, c.layout, c.reason)
+        1 0 bsr batch 1, blocks of 16+: BSR
+        1 2 None no sparse kernel for Conv1d (torch.sparse has no convolution)
+        64 0 csr batch 64: CSR
+        64 2 None no sparse kernel for Conv1d (torch.sparse has no convolution)
     """
     if sample_batch is not None:
         warnings.warn("to_block_sparse: sample_batch is now batch_size", DeprecationWarning, stacklevel=2)
