@@ -1,22 +1,26 @@
 """Block-sparse inference: the exported model (``sapp_lightning.export``) against the dense committed model.
 
-    python bench/inference.py            # MLP 784-512-512-10, blocks 16, sparsity 70/80/90/95%, batch 32 and 256
-    python bench/inference.py --quick    # fewer repeats (< 1 minute)
+    python bench/inference.py            # square 3x 1024x1024 and MLP 768-3072-768, 90/95%, batch 1, 32, 256
+    python bench/inference.py --quick    # 90% only, fewer repeats (< 1 minute)
 
-The weights are those of a committed model: in each hidden layer, a random ``round((1 - s) * N)`` of the N
-blocks are kept (the others are exact zeros; the classifier, 32 blocks, stays dense as ``min_blocks=100`` keeps it).
-For each sparsity and batch the dense model, the exported model with each layout (CSR, BSR) and the
-``layout="auto"`` choice are timed interleaved on one thread; outputs are checked with ``assert_close``.
-The speedup is reported for the whole model and for the first hidden layer alone, beside its limit
-``1 / (1 - s)``. On a CUDA device (``--device cuda``) the BSR layer also runs through torch's Triton kernel.
+Two models whose every layer is pruned, as a committed model has them (a random ``round((1 - s) * N)`` of the
+N blocks of each weight are kept, the others are exact zeros): ``square``, three ``Linear(1024, 1024)`` with
+ReLU between, and ``mlp``, a transformer's MLP block ``Linear(768, 3072)``, GELU, ``Linear(3072, 768)``.
+For each sparsity and batch the dense model, the exported model with each layout (CSR, BSR) and
+``layout="auto"`` (:func:`~sapp_lightning.export.layout_rule` for that batch) are timed interleaved on one
+thread; outputs are checked with ``assert_close``. The speedup over dense is reported beside its limit
+``1 / (1 - s)``, with the size of each saved file (``torch.save`` of the dense state_dict, ``save_block_sparse``).
+On a CUDA device (``--device cuda``) the first layer also runs through torch's Triton BSR kernel.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,21 +31,28 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import interleaved_times, machine  # noqa: E402
 from sapp_lightning.blocks import BlockLayout, keep_count  # noqa: E402
-from sapp_lightning.export import to_block_sparse  # noqa: E402
-from sapp_lightning.models import MLP  # noqa: E402
+from sapp_lightning.export import save_block_sparse, to_block_sparse  # noqa: E402
+
+MODELS = {"square": "3x Linear(1024, 1024)", "mlp": "Linear(768, 3072) GELU Linear(3072, 768)"}
 
 
-def committed_mlp(sparsity: float, block: int, seed: int = 0) -> nn.Module:
-    """An MLP whose hidden layers look like a committed BlockPruning result at ``sparsity``."""
+def build(model: str) -> nn.Sequential:
+    if model == "square":
+        return nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024))
+    return nn.Sequential(nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768))
+
+
+def committed(model: str, sparsity: float, block: int, seed: int = 0) -> nn.Sequential:
+    """``model`` with every Linear block-sparse at ``sparsity``, as a committed BlockPruning result."""
     torch.manual_seed(seed)
-    net = MLP((1, 28, 28), 10).eval()
-    for layer in (net[1], net[3]):
-        layout = BlockLayout.for_weight(layer.weight, block)
-        keep = keep_count(layout.num_blocks, sparsity)
-        mask = torch.zeros(layout.num_blocks)
-        mask[torch.randperm(layout.num_blocks)[:keep]] = 1
-        with torch.no_grad():
-            layer.weight.mul_(layout.expand(mask.reshape(layout.grid_shape)))
+    net = build(model).eval()
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            layout = BlockLayout.for_weight(layer.weight, block)
+            mask = torch.zeros(layout.num_blocks)
+            mask[torch.randperm(layout.num_blocks)[: keep_count(layout.num_blocks, sparsity)]] = 1
+            with torch.no_grad():
+                layer.weight.mul_(layout.expand(mask.reshape(layout.grid_shape)))
     return net
 
 
@@ -69,43 +80,53 @@ def _once(model: nn.Module, x: torch.Tensor) -> float:
         return time.perf_counter() - start
 
 
-def run(sparsities: list[float], batches: list[int], block: int, repeats: int, device: str) -> list[dict[str, Any]]:
+def file_sizes(dense: nn.Module, exported: dict[str, nn.Module]) -> dict[str, int]:
+    """Bytes of the dense state_dict and of each exported model's ``save_block_sparse`` file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(dense.state_dict(), f"{tmp}/dense.pt")
+        sizes = {"dense": Path(f"{tmp}/dense.pt").stat().st_size}
+        for layout, model in exported.items():
+            save_block_sparse(model, f"{tmp}/{layout}.pt")
+            sizes[layout] = Path(f"{tmp}/{layout}.pt").stat().st_size
+    return sizes
+
+
+def run(
+    models: list[str], sparsities: list[float], batches: list[int], block: int, repeats: int, device: str
+) -> list[dict[str, Any]]:
     rows = []
-    for sparsity in sparsities:
-        dense = committed_mlp(sparsity, block).to(device)
-        exported = {layout: to_block_sparse(dense, block, min_sparsity=0.5, layout=layout) for layout in ("csr", "bsr")}
-        for batch in batches:
-            x = torch.randn(batch, 1, 28, 28, device=device)
-            auto = to_block_sparse(dense, block, min_sparsity=0.5, layout="auto", sample_batch=batch)
-            with torch.no_grad():
-                for model in (*exported.values(), auto):
-                    torch.testing.assert_close(model(x), dense(x), rtol=1e-4, atol=1e-4)
-            models = {"dense": dense, **exported, "auto": auto}
-            # the first hidden layer alone (784 -> 512)
-            layer_models = {"dense": dense[1], "csr": exported["csr"][1], "bsr": exported["bsr"][1]}
-            t_model = time_models(models, x, repeats)
-            t_layer = time_models(layer_models, x.flatten(1), repeats)
-            row = {
-                "sparsity": sparsity,
-                "batch": batch,
-                "block": block,
-                "auto_layouts": [auto[1].layout, auto[3].layout],
-                "limit": 1 / (1 - sparsity),
-                "model_ms": {k: 1e3 * v for k, v in t_model.items()},
-                "layer_ms": {k: 1e3 * v for k, v in t_layer.items()},
-                "model_speedup": {k: t_model["dense"] / v for k, v in t_model.items() if k != "dense"},
-                "layer_speedup": {k: t_layer["dense"] / v for k, v in t_layer.items() if k != "dense"},
-            }
-            if device == "cuda":
-                row["layer_speedup"]["triton_bsr"] = _triton_speedup(dense[1], exported["bsr"][1], x.flatten(1))
-            rows.append(row)
-            ms = row["model_speedup"]
-            print(
-                f"s={sparsity:.0%} batch={batch}: model speedup csr {ms['csr']:.2f} bsr {ms['bsr']:.2f} auto "
-                f"{ms['auto']:.2f} ({'/'.join(row['auto_layouts'])}); layer csr {row['layer_speedup']['csr']:.2f} "
-                f"bsr {row['layer_speedup']['bsr']:.2f}; limit {row['limit']:.1f}",
-                flush=True,
-            )
+    for name in models:
+        for sparsity in sparsities:
+            dense = committed(name, sparsity, block).to(device)
+            exported = {layout: to_block_sparse(dense, block, layout=layout) for layout in ("csr", "bsr")}
+            sizes = file_sizes(dense, exported)
+            for batch in batches:
+                x = torch.randn(batch, dense[0].in_features, device=device)
+                auto = to_block_sparse(dense, block, layout="auto", batch_size=batch)
+                with torch.no_grad():
+                    for model in (*exported.values(), auto):
+                        torch.testing.assert_close(model(x), dense(x), rtol=1e-4, atol=1e-4)
+                t = time_models({"dense": dense, **exported, "auto": auto}, x, repeats)
+                row = {
+                    "model": name,
+                    "sparsity": sparsity,
+                    "batch": batch,
+                    "block": block,
+                    "auto_layouts": [c.layout or "dense" for c in auto.block_sparse_summary.choices],
+                    "limit": 1 / (1 - sparsity),
+                    "ms": {k: 1e3 * v for k, v in t.items()},
+                    "speedup": {k: t["dense"] / v for k, v in t.items() if k != "dense"},
+                    "file_bytes": sizes,
+                }
+                if device == "cuda":
+                    row["speedup"]["triton_bsr"] = _triton_speedup(dense[0], exported["bsr"][0], x)
+                rows.append(row)
+                s = row["speedup"]
+                print(
+                    f"{name} s={sparsity:.0%} batch={batch}: speedup csr {s['csr']:.2f} bsr {s['bsr']:.2f} auto "
+                    f"{s['auto']:.2f} ({'/'.join(row['auto_layouts'])}); limit {row['limit']:.1f}",
+                    flush=True,
+                )
     return rows
 
 
@@ -133,25 +154,25 @@ def _triton_speedup(dense_layer: nn.Linear, sparse_layer: nn.Module, x: torch.Te
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print("| sparsity | batch | dense ms | csr ms | bsr ms | auto (layer 1/2) | model speedup csr / bsr / auto | "
-          "784x512 layer speedup csr / bsr | limit 1/(1-s) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | sparsity | batch | dense ms | csr ms | bsr ms | auto (per layer) | speedup csr / bsr / auto | "
+          "limit 1/(1-s) | file MB dense / csr / bsr |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        m, ms, ls = r["model_ms"], r["model_speedup"], r["layer_speedup"]
+        m, s, f = r["ms"], r["speedup"], r["file_bytes"]
         print(
-            f"| {r['sparsity']:.0%} | {r['batch']} | {m['dense']:.3f} | {m['csr']:.3f} | {m['bsr']:.3f} | "
-            f"{'/'.join(r['auto_layouts'])} | {ms['csr']:.2f} / {ms['bsr']:.2f} / {ms['auto']:.2f} | "
-            f"{ls['csr']:.2f} / {ls['bsr']:.2f}"
-            + (f" / triton {ls['triton_bsr']:.2f}" if ls.get("triton_bsr") else "")
-            + f" | {r['limit']:.1f} |"
+            f"| {r['model']} | {r['sparsity']:.0%} | {r['batch']} | {m['dense']:.3f} | {m['csr']:.3f} | "
+            f"{m['bsr']:.3f} | {'/'.join(r['auto_layouts'])} | {s['csr']:.2f} / {s['bsr']:.2f} / {s['auto']:.2f}"
+            + (f" / triton {s['triton_bsr']:.2f}" if s.get("triton_bsr") else "")
+            + f" | {r['limit']:.0f} | {f['dense'] / 1e6:.2f} / {f['csr'] / 1e6:.2f} / {f['bsr'] / 1e6:.2f} |"
         )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.7, 0.8, 0.9, 0.95])
-    p.add_argument("--batches", type=int, nargs="+", default=[32, 256])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
     p.add_argument("--block", type=int, default=16)
     p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--threads", type=int, default=1)
@@ -159,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/inference.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    logging.getLogger("sapp_lightning.export").setLevel(logging.WARNING)  # the export summary, once per call
     repeats = 5 if args.quick else args.repeats
     sparsities = [0.9] if args.quick else args.sparsities
-    rows = run(sparsities, args.batches, args.block, repeats, args.device)
+    rows = run(args.models, sparsities, args.batches, args.block, repeats, args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine(), "threads": args.threads, "rows": rows}, indent=2))
     print_table(rows)

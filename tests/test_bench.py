@@ -75,9 +75,13 @@ def test_inference_quick(tmp_path):
     out = tmp_path / "inference.json"
     text = _run("inference.py", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert {r["batch"] for r in rows} == {32, 256}
+    assert {r["batch"] for r in rows} == {1, 32, 256}
+    assert {r["model"] for r in rows} == {"square", "mlp"}
     assert all(r["limit"] == pytest.approx(10.0) for r in rows)
     assert "limit 1/(1-s)" in text
+    # blocks of 16: the rule picks BSR for 1 row, CSR from 32; the files are a fraction of the dense one
+    assert {r["batch"]: r["auto_layouts"][0] for r in rows if r["model"] == "mlp"} == {1: "bsr", 32: "csr", 256: "csr"}
+    assert all(r["file_bytes"]["bsr"] < 0.12 * r["file_bytes"]["dense"] for r in rows)
 
 
 def test_store_skips_finished_runs_and_torn_lines(tmp_path):
