@@ -66,7 +66,7 @@ class BlockPruningHooks:
             raise ValueError(f"total_steps must be an int >= 1 or None, got {total_steps!r}")
         self.verify_masks_across_ranks = verify_masks_across_ranks
         self.total_steps = total_steps
-        self.sparsifier.add_listener(lambda sparsifier, event: self._on_event(event))
+        self.sparsifier.add_listener(self._on_event)  # a bound method: ddp_spawn pickles the callback
         self._trainer: Any = None
         self._last_global_step = -1
         self._epoch_batches = [0, 0]  # batches of this epoch seen, and those that stepped an optimizer
@@ -228,7 +228,7 @@ class BlockPruningHooks:
         if self.verify_masks_across_ranks and trainer.world_size > 1:
             self.sparsifier.verify_masks(when, trainer.strategy.all_gather)
 
-    def _on_event(self, event: PruningEvent) -> None:
+    def _on_event(self, sparsifier: BlockSparsifier, event: PruningEvent) -> None:
         """At each phase end: per-layer sparsity straight to every logger (not thinned by ``log_every_n_steps``)."""
         trainer = self._trainer
         if event.kind != "phase_end" or trainer is None or not trainer.is_global_zero:
