@@ -44,7 +44,7 @@ from .distributed import AllGather, is_rank_zero, rank_zero_warn, torch_all_gath
 from .events import LayerState, Lifecycle, PruningEvent
 from .report import SparsityReport, measure_layer
 from .schedules import Phase, PhasePlan, StepSchedule, exponential_sparsity
-from .targets import Candidate, LayerChoice, compile_patterns, format_choices, survey
+from .targets import LayerChoice, choose_layers, compile_patterns, format_choices
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,11 @@ class BlockSparsifier:
                 "interrupted), and that model still carries its masks. Call commit() on it for plain weights, or "
                 "resume the run from a checkpoint with a fresh model and a fresh BlockPruning / BlockSparsifier"
             )
-        chosen, choices = self._choose(model)
+        algorithm = self.algorithm
+        refuse_tied = f"{algorithm.name} in prune_mode={algorithm.prune_mode!r}" if algorithm.reparametrizes else None
+        chosen, choices = choose_layers(
+            model, self.block_size, self.min_blocks, self._include, self._exclude, refuse_tied=refuse_tied
+        )
         already = [c.name for c in chosen if carries_block_pruning(c.module)]
         if already:
             raise ValueError(
@@ -307,49 +311,6 @@ class BlockSparsifier:
         if is_rank_zero():
             log.info(self.summary())
         return self.layers
-
-    def _choose(self, model: nn.Module) -> tuple[list[Candidate], list[LayerChoice]]:
-        """The weights to prune and a line for every weight; raises before anything changes when nothing can be
-        pruned, or a tied weight the user included cannot be pruned consistently for all its owners."""
-        chosen, choices, tied = survey(model, self.block_size, self.min_blocks, self._include, self._exclude)
-        if tied and self.include:  # the user named a tied weight: prune it once, through its first owner
-            probe = self.algorithm.make_reparam(tied[0].layout, self.sparsity)
-            if probe is not None:
-                owners = ", ".join(c.reason.removeprefix("tied with ") for c in choices if c.name == tied[0].name)
-                raise ValueError(
-                    f"include names {tied[0].name!r}, whose weight is tied with {owners}: {self.algorithm.name} in "
-                    f"prune_mode={self.algorithm.prune_mode!r} changes the weight only in the forward of the module "
-                    "it is registered on, so the other owners would keep the dense weight. Prune it with an "
-                    "algorithm that zeroes blocks in place (acdc or magnitude, prune_mode='zero'), or untie it"
-                )
-            first: dict[int, str] = {}
-            for cand in tied:
-                first.setdefault(id(cand.weight), cand.name)
-            picked = {first[id(c.weight)] for c in tied}
-            chosen = [*chosen, *(c for c in tied if c.name in picked and first[id(c.weight)] == c.name)]
-            order = {c.name: i for i, c in enumerate(choices)}
-            chosen.sort(key=lambda c: order[c.name if c.param_name == "weight" else f"{c.name}.{c.param_name}"])
-            choices = [LayerChoice(c.name, c.type_name, c.layout, None) if c.name in picked else c for c in choices]
-        elif tied:
-            listed = "; ".join(f"{c.name} ({c.reason})" for c in choices if c.reason and c.reason.startswith("tied"))
-            rank_zero_warn(
-                f"BlockPruning: tied weights stay dense: {listed}. To prune one, include it by name (include=[...]): "
-                "acdc and magnitude with prune_mode='zero' prune it once for all its owners"
-            )
-        if not chosen:
-            blockable = [c for c in choices if c.layout is not None and not c.reason.startswith(("not included",
-                         "excluded")) and "only when include" not in c.reason]  # fmt: skip
-            if blockable:
-                found = ", ".join(f"{c.name} ({c.layout.num_blocks} blocks)" for c in blockable[:10])
-                raise ValueError(
-                    f"no layer has at least min_blocks={self.min_blocks} blocks of size {self.block_size}; "
-                    f"candidates: {found}. Use a smaller block_size or min_blocks."
-                )
-            raise ValueError(
-                "no layer to prune: the model has no nn.Linear or nn.Conv2d (groups=1) layer"
-                + (" matching include/exclude" if self.include or self.exclude else "")
-            )
-        return chosen, choices
 
     def _warn_on_layers_that_stay_dense(self, chosen) -> None:
         if self.sparsity <= 0:

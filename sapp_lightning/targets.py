@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .blocks import BlockLayout, BlockSize, kernel_kind, normalize_block_size
+from .distributed import rank_zero_warn
 
 DEFAULT_TYPES = ("linear", "conv2d", "hf_conv1d")  # Conv1d and embeddings only when a user includes them
 
@@ -152,6 +153,63 @@ def survey(
                 chosen.append(candidate)
         choices.append(choice)
     return chosen, choices, tied
+
+
+def choose_layers(
+    model: nn.Module,
+    block_size: BlockSize,
+    min_blocks: int,
+    include: Sequence[re.Pattern] = (),
+    exclude: Sequence[re.Pattern] = (),
+    refuse_tied: str | None = None,
+) -> tuple[list[Candidate], list[LayerChoice]]:
+    """:func:`survey`, deciding on tied weights and refusing a model with nothing to prune.
+
+    A tied weight stays dense with a warning, unless ``include`` names it: then it is pruned once, through its
+    first owner, where the algorithm zeroes blocks in place; ``refuse_tied`` (the algorithm, when it
+    reparametrizes the forward of one module only) refuses it. Raises ``ValueError`` before anything changes.
+    """
+    chosen, choices, tied = survey(model, block_size, min_blocks, include, exclude)
+    if tied and include:  # the user named a tied weight
+        if refuse_tied is not None:
+            owners = ", ".join(c.reason.removeprefix("tied with ") for c in choices if c.name == tied[0].name)
+            raise ValueError(
+                f"include names {tied[0].name!r}, whose weight is tied with {owners}: {refuse_tied} changes the "
+                "weight only in the forward of the module it is registered on, so the other owners would keep the "
+                "dense weight. Prune it with an algorithm that zeroes blocks in place (acdc or magnitude, "
+                "prune_mode='zero'), or untie it"
+            )
+        first: dict[int, str] = {}
+        for cand in tied:
+            first.setdefault(id(cand.weight), cand.name)
+        picked = set(first.values())
+        order = {c.name: i for i, c in enumerate(choices)}
+        chosen = sorted([*chosen, *(c for c in tied if c.name in picked)], key=lambda c: order[_label(c)])
+        choices = [LayerChoice(c.name, c.type_name, c.layout, None) if c.name in picked else c for c in choices]
+    elif tied:
+        listed = "; ".join(f"{c.name} ({c.reason})" for c in choices if c.reason and c.reason.startswith("tied"))
+        rank_zero_warn(
+            f"BlockPruning: tied weights stay dense: {listed}. To prune one, include it by name (include=[...]): "
+            "acdc and magnitude with prune_mode='zero' prune it once for all its owners"
+        )
+    if not chosen:
+        blockable = [c for c in choices if c.layout is not None and c.reason.startswith(("tied", "embed_dim"))
+                     or "under min_blocks" in (c.reason or "")]  # fmt: skip
+        if blockable:
+            found = ", ".join(f"{c.name} ({c.layout.num_blocks} blocks)" for c in blockable[:10])
+            raise ValueError(
+                f"no layer has at least min_blocks={min_blocks} blocks of size {normalize_block_size(block_size)}; "
+                f"candidates: {found}. Use a smaller block_size or min_blocks."
+            )
+        raise ValueError(
+            "no layer to prune: the model has no nn.Linear or nn.Conv2d (groups=1) layer"
+            + (" matching include/exclude" if include or exclude else "")
+        )
+    return chosen, choices
+
+
+def _label(candidate: Candidate) -> str:
+    return candidate.name if candidate.param_name == "weight" else f"{candidate.name}.{candidate.param_name}"
 
 
 def _owners(model: nn.Module) -> dict[int, list[str]]:

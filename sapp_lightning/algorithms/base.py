@@ -237,6 +237,11 @@ class PruningAlgorithm:
     def zeroes_pruned_weights(self) -> bool:
         return self.prune_mode == "zero"
 
+    @property
+    def reparametrizes(self) -> bool:
+        """Whether :meth:`make_reparam` puts a parametrization in the forward (else masks apply in place)."""
+        return self.prune_mode == "mask"
+
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({options})"

@@ -70,6 +70,8 @@ class PowerPropagation(PruningAlgorithm):
     plan_kind = "oneshot"
     default_prune_mode = "mask"
 
+    reparametrizes = True
+
     def make_reparam(self, layout: BlockLayout, sparsity: float) -> BlockPowerProp:
         return BlockPowerProp(layout)
 

@@ -188,6 +188,8 @@ class SequentialAttentionPP(PruningAlgorithm):
             changed["clip_bounds"] = list(changed["clip_bounds"])
         return {**super().config(), "attention_clipping": self.attention_clipping, **changed}
 
+    reparametrizes = True
+
     def make_reparam(self, layout: BlockLayout, sparsity: float) -> BlockAttention:
         clip = None
         if self.attention_clipping:
