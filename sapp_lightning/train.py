@@ -149,6 +149,20 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     loggers = build_loggers(cfg.logger)
     trainer = build_trainer(cfg, build_callbacks(cfg.callbacks, pruning, has_logger=bool(loggers)), loggers)
     pin_global_batch(cfg, datamodule, trainer)
+    try:
+        return _fit_and_report(cfg, trainer, module, datamodule, pruning, ckpt_path)
+    finally:
+        finish_wandb(trainer)
+
+
+def finish_wandb(trainer: pl.Trainer) -> None:
+    """End this run's W&B run: an unfinished one would be reused by the next run in the same process (sweeps)."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
+
+
+def _fit_and_report(cfg, trainer, module, datamodule, pruning, ckpt_path) -> dict[str, Any] | None:
     started = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)

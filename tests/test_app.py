@@ -162,6 +162,9 @@ def test_wandb_offline_receives_the_pruning_curves_and_heatmaps(tmp_path, monkey
     assert {"pruning/sparsity", "pruning/target_sparsity", "pruning/phase", "pruning/layer/net.1"} <= logged
     assert {"pruning/mask/net.1", "pruning/mask/net.3"} <= images
     assert list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    import wandb
+
+    assert wandb.run is None  # finished: the next run in this process (a sweep) gets a run of its own
 
 
 def test_joblib_multirun_of_two_jobs_and_the_results_table(tmp_path, capsys):

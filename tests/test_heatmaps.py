@@ -3,6 +3,8 @@ more attention), and the figures say what they are (axes, taps, colour bar, titl
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -33,6 +35,10 @@ def test_wandb_stores_the_heatmap_as_drawn_with_pruned_blocks_black_and_attentio
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    import wandb
+
+    if wandb.run is not None:  # an unfinished run of an earlier test would be reused by WandbLogger
+        wandb.finish()
     torch.manual_seed(0)
     callback, seen = pruning("sapp"), []
     callback.sparsifier.add_listener(
@@ -47,10 +53,13 @@ def test_wandb_stores_the_heatmap_as_drawn_with_pruned_blocks_black_and_attentio
     logger = WandbLogger(project="heatmaps", save_dir=tmp_path, offline=True)
     trainer = make_trainer(tmp_path, [SpreadLogits(), MaskHeatmaps(), callback], logger=logger)
     trainer.fit(TinyNet(), tiny_loader())
+    run_dir = Path(logger.experiment.dir)
+    assert tmp_path in run_dir.parents
+    logger.experiment.finish()
     step, index, phase, states = seen[1]  # the end of the sparsification phase: a shrunk, shaded mask
     fc1 = states[1]
     assert fc1.name == "fc1" and 0 < fc1.num_kept < fc1.num_blocks
-    stored = [np.asarray(Image.open(p).convert("RGB")) for p in tmp_path.rglob("media/images/pruning/mask/fc1_*.png")]
+    stored = [np.asarray(Image.open(p).convert("RGB")) for p in run_dir.rglob("media/images/pruning/mask/fc1_*.png")]
     assert len(stored) == len(PLAN)  # each phase end but the last, and the end of training
     fig = layer_figure(fc1, step, f"end of phase {index} ({phase.name.lower()})")
     drawn = np.asarray(figure_image(fig))
@@ -66,7 +75,7 @@ def test_wandb_stores_the_heatmap_as_drawn_with_pruned_blocks_black_and_attentio
     order = np.argsort(kept_attention)
     distinct = np.diff(kept_attention[order]) > 0.02 * kept_attention[order][1:]
     assert (np.diff(kept_light[order])[distinct] >= 0).all() and distinct.sum() > 10  # brighter = more attention
-    assert len(list(tmp_path.rglob("media/images/pruning/masks_*.png"))) == len(PLAN)  # and the overviews
+    assert len(list(run_dir.rglob("media/images/pruning/masks_*.png"))) == len(PLAN)  # and the overviews
 
 
 @pytest.fixture
