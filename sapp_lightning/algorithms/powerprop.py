@@ -5,62 +5,69 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..blocks import BlockLayout, spread_over_taps, sum_inside_blocks
+from ..blocks import BlockLayout, block_sq_sums, spread_over_taps, sum_inside_blocks
 from .base import BlockReparam, PrunedLayer, PruningAlgorithm, register
 
 
-class _NormScaledBlocks(torch.autograd.Function):
-    """``view * (||view_b|| * mask_b)`` over a :meth:`BlockLayout.block_view`, with a hand-written backward.
+def _safe_norms(sq: Tensor) -> Tensor:
+    """``sqrt(sq)`` whose gradient is 0 (not NaN) where ``sq`` is 0: an all-zero block stays a fixed point."""
+    positive = sq > 0
+    return torch.where(positive, sq, torch.ones_like(sq)).sqrt() * positive
 
-    Autograd's chain (square, block sum, sqrt, scale) keeps four full-size temporaries and reduces in a slow
-    order; this backward needs one temporary: ``d/dV_b = g_b * n_b * m_b + V_b * m_b * <g_b, V_b> / n_b``.
+
+class _NormScaledBlocks(torch.autograd.Function):
+    """``blocks * (||block|| * mask)`` over :meth:`BlockLayout.blocked`'s tensor, with a hand-written backward.
+
+    One path for every shape: a block view where the blocks tile the weight, a zero-padded copy where they do not
+    (the padding adds nothing to a norm and gets no gradient). The backward,
+    ``d/dV_b = g_b * n_b * m_b + V_b * m_b * <g_b, V_b> / n_b``, is 0 in a block whose norm is 0, as the limit of
+    the formula (autograd through ``sqrt`` would give NaN there). Passes over the weight: forward 1 read for the
+    norms + 1 multiply; backward 1 multiply-and-reduce for ``<g_b, V_b>`` + 2 (see docs/results.md section 2).
     """
 
     @staticmethod
-    def forward(ctx, view: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
-        squares = view.square()
-        norms = sum_inside_blocks(squares, keepdim=True).sqrt_()
-        scale = norms * mask
-        ctx.save_for_backward(view, norms, mask, scale)
-        return torch.mul(view, spread_over_taps(scale, view), out=squares)  # reuse the full-size buffer
+    def forward(ctx, blocks: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
+        norms = block_sq_sums(blocks).sqrt_()
+        ctx.save_for_backward(blocks, norms, mask)
+        return blocks * spread_over_taps(norms * mask, blocks)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        view, norms, mask, scale = ctx.saved_tensors
-        double_backward = torch.is_grad_enabled()  # create_graph=True: differentiable norms, no out= / in-place
-        if double_backward:
-            norms = sum_inside_blocks(view.square(), keepdim=True).sqrt()
-            scale = norms * mask
-        product = grad * view
+        blocks, norms, mask = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable norms, no out= / in-place
+            norms = _safe_norms(sum_inside_blocks(blocks.square(), keepdim=True))
+            inner = sum_inside_blocks(grad * blocks, keepdim=True)
+            coef = torch.where(norms > 0, inner * mask / torch.where(norms > 0, norms, 1), 0)
+            return grad * spread_over_taps(norms * mask, blocks) + blocks * spread_over_taps(coef, blocks), None
+        product = grad * blocks
         inner = sum_inside_blocks(product, keepdim=True)
         coef = torch.where(norms > 0, inner * mask / norms, torch.zeros_like(norms))
-        scale, coef = spread_over_taps(scale, view), spread_over_taps(coef, view)
-        if double_backward:
-            return grad * scale + view * coef, None
-        return torch.mul(grad, scale, out=product).addcmul_(view, coef), None  # one full-size buffer
+        scale, coef = spread_over_taps(norms * mask, blocks), spread_over_taps(coef, blocks)
+        return torch.mul(grad, scale, out=product).addcmul_(blocks, coef), None  # one full-size buffer
 
 
 class BlockPowerProp(BlockReparam):
     """``W_b = ||V_b||_F * V_b * mask_b`` (group Powerprop with alpha = 2, SPEC section 3.3).
 
     ``right_inverse`` maps a standard init ``u`` to ``V_b = u_b / ||u_b||^(1/2)``, so the
-    effective weights start exactly where the user's init put them.
+    effective weights start exactly where the user's init put them; an all-zero block stays all zero.
+    Norms and scaling run in float32 for half-precision weights; only the effective weight is rounded.
     """
 
     def block_scale(self, weight: Tensor) -> Tensor:
-        return self.layout.block_sq_norms(weight).sqrt() * self.block_mask
+        return _safe_norms(self.layout.block_sq_norms(weight)) * self.block_mask
 
     def forward(self, weight: Tensor) -> Tensor:
-        view = self.layout.block_view(weight)
-        if view is None or weight.dtype in (torch.float16, torch.bfloat16):  # norms summed in float32 there
-            return super().forward(weight)
-        mask = self.layout.grid_to_view(self.block_mask.to(weight.dtype))
-        return _NormScaledBlocks.apply(view, mask).view(self.layout.weight_shape)
+        work = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+        blocks, padded = self.layout.blocked(work)
+        mask = self.layout.grid_to_blocks(self.block_mask.to(work.dtype), padded)
+        return self.layout.from_blocks(_NormScaledBlocks.apply(blocks, mask), padded).to(weight.dtype)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
         norms = self.layout.block_sq_norms(weight).sqrt()
-        inverse_root = torch.where(norms > 0, norms.rsqrt(), torch.zeros_like(norms))
-        return self.layout.scale(weight, inverse_root)
+        inverse_root = torch.where(norms > 0, norms, torch.ones_like(norms)).rsqrt() * (norms > 0)
+        work = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+        return self.layout.scale(work, inverse_root).to(weight.dtype)
 
 
 @register("powerprop")
