@@ -26,6 +26,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from . import fused
+
 KernelKind = Literal["linear", "conv2d", "embedding"]
 BlockSize = int | tuple[int, int]
 
@@ -325,6 +327,10 @@ class _ScaleBlocks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
         view, grid = ctx.saved_tensors
+        if all(ctx.needs_input_grad) and fused.active(grad, view, grid):
+            both = fused.scale_backward(grad, view, grid)  # one pass for the gradient and the block sums
+            if both is not None:
+                return both
         factor = spread_over_taps(grid, view)  # recomputed (1 / c of the weight): differentiable for gradgrad
         if not ctx.needs_input_grad[1]:
             return grad * factor, None

@@ -104,7 +104,7 @@ def test_zero_initialised_ragged_layer_trains_with_finite_weights(dtype):
     for module in (model.body, model.head):
         parametrize.register_parametrization(module, "weight", BlockPowerProp(BlockLayout.for_module(module, 16)))
     model.to(dtype)
-    body_before = model.body.weight.detach().clone()
+    bias_before = model.head.bias.detach().clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = torch.randn(32, 48, dtype=dtype), torch.randint(10, (32,))
     for _ in range(5):
@@ -115,7 +115,10 @@ def test_zero_initialised_ragged_layer_trains_with_finite_weights(dtype):
         assert torch.isfinite(loss)
         assert all(torch.isfinite(p).all() for p in model.parameters())
     assert model.head.parametrizations.weight.original.dtype == dtype
-    assert not torch.equal(model.body.weight, body_before)  # the rest of the model trains
+    assert not torch.equal(model.head.bias, bias_before)  # the step did run
+    # ||V|| V has a zero gradient at V = 0: a zero-initialised block stays zero (and, as the head, passes no
+    # gradient to the layers below). Finite, but a zero-initialised layer does not learn under PowerPropagation.
+    assert torch.equal(model.head.weight, torch.zeros_like(model.head.weight))
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
@@ -190,3 +193,73 @@ def test_mask_mode_dense_phase_leaves_the_weight_untouched_and_commits_exactly(t
     make_trainer(tmp_path, [callback], max_epochs=10).fit(model, tiny_loader())
     layout = BlockLayout.for_module(model.fc1, 4)
     assert int((layout.block_sq_norms(model.fc1.weight.detach()) == 0).sum()) == layout.num_blocks // 2
+
+
+# --- fused CPU kernels (sapp_lightning.fused) --------------------------------------------------------
+def test_fused_kernels_are_off_unless_asked():
+    from sapp_lightning import fused
+
+    assert fused._state["enabled"] == (__import__("os").environ.get("SAPP_FUSED_KERNELS") == "1")
+    weight = torch.randn(4, 4)
+    with torch.enable_grad():  # building a graph (double backward): the differentiable eager formulas run
+        assert not fused.active(weight)
+
+
+@pytest.fixture
+def fused_kernels():
+    from sapp_lightning import fused
+
+    before = fused._state["enabled"]
+    if not fused.use_fused_kernels(True):
+        pytest.skip("the fused kernels cannot be built here (no C++ compiler?)")
+    yield fused
+    fused.use_fused_kernels(before)
+
+
+def reparams(shape: str):
+    weight_shape, block = SHAPES[shape]
+    torch.manual_seed(0)
+    weight = torch.randn(*weight_shape)
+    layout = BlockLayout.for_weight(weight, block)
+    attention = BlockAttention(layout, clip=0.2)
+    with torch.no_grad():
+        attention.logits.normal_()
+    out = [attention, BlockPowerProp(layout)]
+    for reparam in out:
+        reparam.block_mask[0, 0] = False
+    return out, weight
+
+
+@pytest.mark.slow  # builds the C++ extension on first use (about 30 s, then cached)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_kernels_give_the_eager_values_and_gradients(fused_kernels, shape):
+    modules, template = reparams(shape)
+    for reparam in modules:
+        weight = template.clone().requires_grad_()
+        params = [weight, *reparam.parameters()]
+        upstream = torch.randn_like(weight)
+        results = []
+        for on in (False, True):
+            fused_kernels.use_fused_kernels(on)
+            out = reparam(weight)
+            results.append((out, *torch.autograd.grad(out, params, upstream)))
+        for eager, fast in zip(*results):
+            scale = eager.abs().max().clamp_min(1.0)
+            torch.testing.assert_close(fast / scale, eager / scale, rtol=0, atol=2e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["sapp", "powerprop"])
+def test_fused_kernels_train_to_the_same_masks_and_weights(tmp_path, fused_kernels, algorithm):
+    runs = []
+    for on in (False, True):
+        fused_kernels.use_fused_kernels(on)
+        torch.manual_seed(0)
+        model = TinyNet()
+        plan = [("dense", 0.2), ("sparsify", 0.4), ("sparse", 0.2), ("dense", 0.1), ("sparse", 0.1)]
+        callback = BlockPruning(algorithm, 0.5, 4, min_blocks=10, plan=plan if algorithm == "sapp" else "imagenet")
+        make_trainer(tmp_path / str(on), [callback], max_epochs=10).fit(model, tiny_loader())
+        runs.append(model.state_dict())
+    for (key, eager), fast in zip(runs[0].items(), runs[1].values()):
+        assert torch.equal(eager == 0, fast == 0), key  # the same blocks pruned
+        torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5, msg=key)

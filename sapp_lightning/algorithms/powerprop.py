@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import fused
 from ..blocks import BlockLayout, block_sq_sums, spread_over_taps, sum_inside_blocks
 from .base import BlockReparam, PrunedLayer, PruningAlgorithm, register
 
@@ -21,15 +22,20 @@ class _NormScaledBlocks(torch.autograd.Function):
     One path for every shape: a block view where the blocks tile the weight, a zero-padded copy where they do not
     (the padding adds nothing to a norm and gets no gradient). The backward,
     ``d/dV_b = g_b * n_b * m_b + V_b * m_b * <g_b, V_b> / n_b``, is 0 in a block whose norm is 0, as the limit of
-    the formula (autograd through ``sqrt`` would give NaN there). Passes over the weight: forward 1 read for the
-    norms + 1 multiply; backward 1 multiply-and-reduce for ``<g_b, V_b>`` + 2 (see docs/results.md section 2).
+    the formula (autograd through ``sqrt`` would give NaN there). With :mod:`sapp_lightning.fused` on, each
+    direction is one kernel that reads a block-row once from memory (passes per step: docs/results.md section 2).
     """
 
     @staticmethod
     def forward(ctx, blocks: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
-        norms = block_sq_sums(blocks).sqrt_()
+        both = fused.norm_scale_forward(blocks, mask) if fused.active(blocks, mask) else None
+        if both is not None:
+            out, norms = both
+        else:
+            norms = block_sq_sums(blocks).sqrt_()
+            out = blocks * spread_over_taps(norms * mask, blocks)
         ctx.save_for_backward(blocks, norms, mask)
-        return blocks * spread_over_taps(norms * mask, blocks)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
@@ -39,6 +45,10 @@ class _NormScaledBlocks(torch.autograd.Function):
             inner = sum_inside_blocks(grad * blocks, keepdim=True)
             coef = torch.where(norms > 0, inner * mask / torch.where(norms > 0, norms, 1), 0)
             return grad * spread_over_taps(norms * mask, blocks) + blocks * spread_over_taps(coef, blocks), None
+        if fused.active(grad, blocks, mask):
+            grad_blocks = fused.norm_scale_backward(grad, blocks, norms, mask)
+            if grad_blocks is not None:
+                return grad_blocks, None
         product = grad * blocks
         inner = sum_inside_blocks(product, keepdim=True)
         coef = torch.where(norms > 0, inner * mask / norms, torch.zeros_like(norms))
