@@ -165,11 +165,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlp-hidden", type=int, nargs="+", default=[512, 512], help="the MLP's hidden widths")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--floor", action="store_true", help="add the two bounding parametrizations (see above)")
+    p.add_argument("--fused", action="store_true", help="sapp_lightning.fused kernels on")
     p.add_argument("--out", type=Path, default=Path("runs/reparam_cost.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.fused:
+        from sapp_lightning import fused
+
+        if not fused.use_fused_kernels(True):
+            raise SystemExit("--fused: the kernels could not be built")
     models = ["mlp"] if args.quick else args.models
-    results: dict[str, Any] = {"machine": machine(), "sparsity": SPARSITY, "block": BLOCK, "results": {}}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "threads": args.threads,
+        "fused_kernels": args.fused,
+        "sparsity": SPARSITY,
+        "block": BLOCK,
+        "results": {},
+    }
     for model_name in models:
         rounds = args.rounds or {"mlp": 40, "resnet50": 8}[model_name] // (5 if args.quick else 1)
         steps = args.steps or {"mlp": 5, "resnet50": 1}[model_name]

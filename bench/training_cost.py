@@ -8,6 +8,7 @@ of the same model in the same process, persistent memory the callback adds, and 
     # the training-cost target (docs/results.md section 2): whole fits, 2 threads, 5 rounds
     python bench/training_cost.py --target mlp        # MLP 784-1024-1024-10, batch 256, 120 steps per fit
     python bench/training_cost.py --target resnet50   # ResNet50, batch 32 x 3x64x64, 6 steps per fit
+    python bench/training_cost.py --target mlp --fused   # the same with sapp_lightning.fused's kernels
 
 Each configuration is a Lightning fit with a one-phase plan (``[("sparse", 1.0)]`` and so on) that forces the
 phase. By default a fit has ``2 x steps`` optimizer steps and only the second epoch is timed (the first warms up and
@@ -25,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -357,12 +359,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", nargs="+", choices=[c[0] for c in CONFIGS], help="default: all")
     p.add_argument("--no-peak", action="store_true", help="skip the peak-memory subprocess runs")
     p.add_argument("--compile", action="store_true", help="time torch.compile(model) (inductor) in every configuration")
+    p.add_argument("--fused", action="store_true", help="sapp_lightning.fused kernels on (SAPP_FUSED_KERNELS=1)")
     p.add_argument("--out", type=Path, help="default: runs/training_cost.json (runs/training_cost_compiled.json)")
     args = p.parse_args(argv)
     quiet()
+    if args.fused:  # the peak-memory subprocesses inherit the variable
+        os.environ["SAPP_FUSED_KERNELS"] = "1"
+        from sapp_lightning import fused
+
+        if not fused.use_fused_kernels(True):
+            raise SystemExit("--fused: the kernels could not be built")
     threads = args.threads or (2 if args.target else 1)
     torch.set_num_threads(threads)
-    results: dict[str, Any] = {"machine": machine(), "models": {}}
+    results: dict[str, Any] = {"machine": machine(), "fused_kernels": args.fused, "models": {}}
     if args.target:
         settings = [TARGETS[args.target]]
     else:
