@@ -182,6 +182,9 @@ def test_all_ones_mask_is_an_exact_identity_and_changes_are_seen():
     assert torch.equal(reparam(weight), torch.zeros_like(weight))
     reparam.block_mask = torch.ones(layout.grid_shape, dtype=torch.bool)  # a new tensor
     assert reparam(weight) is weight
+    reparam.block_mask.data[0, 0] = False  # invisible to the version counter: the explicit hook
+    reparam.mark_mask_changed()
+    assert torch.equal(reparam(weight), weight * layout.expand(reparam.block_mask.float()))
     assert BlockAttention(layout)(weight) is not weight  # attention is a factor of its own: never skipped
 
 

@@ -70,6 +70,11 @@ class BlockReparam(nn.Module):
             self._mask_seen = seen
         return self._mask_all_ones
 
+    def mark_mask_changed(self) -> None:
+        """Make the next forward read the mask again: for a change its version counter does not see (a write
+        through ``.data``, or a collective that fills the buffer outside autograd's tracking)."""
+        self._mask_seen = None
+
     def forward(self, weight: Tensor) -> Tensor:
         scale = self.block_scale(weight)
         # under torch.compile the multiply stays in the graph, so that no phase change recompiles it
