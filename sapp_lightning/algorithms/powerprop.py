@@ -31,9 +31,13 @@ class _NormScaledBlocks(torch.autograd.Function):
         both = fused.norm_scale_forward(blocks, mask) if fused.active(blocks, mask) else None
         if both is not None:
             out, norms = both
-        else:
+        elif blocks.dim() == 4 and blocks.stride(3) == 1:  # norms in one read, no full-size temporary
             norms = block_sq_sums(blocks).sqrt_()
             out = blocks * spread_over_taps(norms * mask, blocks)
+        else:  # conv views: the squares' buffer becomes the output (one full-size allocation, not two)
+            squares = blocks.square()
+            norms = sum_inside_blocks(squares, keepdim=True).sqrt_()
+            out = torch.mul(blocks, spread_over_taps(norms * mask, blocks), out=squares)
         ctx.save_for_backward(blocks, norms, mask)
         return out
 
