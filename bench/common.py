@@ -179,3 +179,26 @@ def interleaved_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: 
             fn()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def memory_bandwidth(threads: int, small_numel: int, large_numel: int = 50_000_000, repeats: int = 7) -> dict[str, Any]:
+    """What one pass over a tensor costs here: GB/s of ``torch.mul(a, b, out=c)`` (2 reads + 1 write of 4-byte
+    floats, the median of ``repeats`` after a warm-up) on ``large_numel`` floats (far beyond the caches) and on
+    ``small_numel`` (e.g. the pruned weights of one model, which may stay in cache between passes)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    result: dict[str, Any] = {"threads": threads, "large_numel": large_numel, "small_numel": small_numel}
+    try:
+        for name, numel in (("large", large_numel), ("small", small_numel)):
+            a, b, c = torch.rand(numel), torch.rand(numel), torch.empty(numel)
+            torch.mul(a, b, out=c)
+            times = []
+            for _ in range(repeats if numel >= 10_000_000 else 20 * repeats):
+                t0 = time.perf_counter()
+                torch.mul(a, b, out=c)
+                times.append(time.perf_counter() - t0)
+            result[f"{name}_gbps"] = 3 * 4 * numel / statistics.median(times) / 1e9
+            del a, b, c
+    finally:
+        torch.set_num_threads(previous)
+    return result

@@ -28,6 +28,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from . import fused
+
 KernelKind = Literal["linear", "conv2d", "conv1d", "hf_conv1d", "embedding"]
 _KERNEL_IS_WEIGHT = ("embedding", "hf_conv1d")  # kinds whose weight is stored fan_in x fan_out already
 _CONV = ("conv2d", "conv1d")
@@ -208,6 +210,50 @@ class BlockLayout:
             return reduced
         return reduced.permute(2, 3, 1, 0).reshape(self.grid_shape)
 
+    # --- one blocked form for every shape -----------------------------------------------------
+    def blocked(self, weight: Tensor) -> tuple[Tensor, bool]:
+        """``(blocks, padded)``: a tensor whose axes 1 and 3 run inside a block, for any shape.
+
+        Where the blocks tile ``weight`` this is :meth:`block_view` (no copy, ``padded=False``); otherwise it is
+        the kernel matrix zero-padded to whole blocks, a ``(gr, r, gc, c)`` copy (``padded=True``), whose padding
+        adds nothing to a block's sums. Differentiable; :meth:`grid_to_blocks` lays a per-block tensor out to
+        broadcast over it and :meth:`from_blocks` maps a result back to the weight's shape.
+
+        Example:
+            >>> layout = BlockLayout.for_weight(torch.ones(10, 7), block_size=4)  # ragged: 7 = 4 + 3
+            >>> blocks, padded = layout.blocked(torch.ones(10, 7))
+            >>> tuple(blocks.shape), padded
+            ((2, 4, 3, 4), True)
+            >>> layout.blocks_to_grid(sum_inside_blocks(blocks), padded).tolist()  # entries per block
+            [[16.0, 16.0, 8.0], [12.0, 12.0, 6.0]]
+        """
+        view = self.block_view(weight)
+        if view is not None:
+            return view, False
+        (n, m), (r, c) = self.kernel_shape, self.block_size
+        gr, gc = self.grid_shape
+        kernel = self.to_kernel(weight)
+        if n % r or m % c:
+            kernel = torch.nn.functional.pad(kernel, (0, gc * c - m, 0, gr * r - n))
+        return kernel.reshape(gr, r, gc, c), True
+
+    def grid_to_blocks(self, per_block: Tensor, padded: bool) -> Tensor:
+        """``per_block`` (``grid_shape``) laid out to broadcast over :meth:`blocked`'s tensor."""
+        return per_block[:, None, :, None] if padded else self.grid_to_view(per_block)
+
+    def blocks_to_grid(self, reduced: Tensor, padded: bool) -> Tensor:
+        """Inverse of :meth:`grid_to_blocks` for :meth:`blocked`'s tensor reduced over axes 1 and 3."""
+        return reduced if padded else self.view_to_grid(reduced)
+
+    def from_blocks(self, blocks: Tensor, padded: bool) -> Tensor:
+        """Inverse of :meth:`blocked`: ``blocks`` (same shape) back in the weight's shape."""
+        if not padded:
+            return blocks.view(self.weight_shape)
+        (n, m), (r, c) = self.kernel_shape, self.block_size
+        gr, gc = self.grid_shape
+        weight = self.from_kernel(blocks.reshape(gr * r, gc * c)[:n, :m])
+        return weight.contiguous() if self.kind == "conv2d" else weight  # conv needs it; F.linear takes a .t()
+
     def scale(self, weight: Tensor, per_block: Tensor) -> Tensor:
         """``weight * expand(per_block)``, without materializing the expansion when blocks tile exactly.
 
@@ -260,6 +306,18 @@ def sum_inside_blocks(view: Tensor, keepdim: bool = False) -> Tensor:
     return view.sum(1, keepdim=True).sum(3, keepdim=True) if keepdim else view.sum(1).sum(2)
 
 
+def block_sq_sums(blocks: Tensor) -> Tensor:
+    """Sum of squares of each block of a :meth:`BlockLayout.blocked` tensor, keeping the reduced axes.
+
+    One read of the weight where the last axis is contiguous inside a block (a Linear view or a padded copy):
+    ``vector_norm`` over it, squared back (1/r of the size), then summed over axis 1; squaring the whole tensor
+    first costs a full-size write and read more. Conv views keep :func:`sum_inside_blocks` of the squares.
+    """
+    if blocks.dim() == 4 and blocks.stride(3) == 1:
+        return torch.linalg.vector_norm(blocks, dim=3, keepdim=True).square_().sum(1, keepdim=True)
+    return sum_inside_blocks(blocks.square(), keepdim=True)
+
+
 def spread_over_taps(grid: Tensor, view: Tensor) -> Tensor:
     """``grid`` (from :meth:`BlockLayout.grid_to_view`) repeated over a conv view's in-block axis 3.
 
@@ -297,6 +355,10 @@ class _ScaleBlocks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
         view, grid = ctx.saved_tensors
+        if all(ctx.needs_input_grad) and fused.active(grad, view, grid):
+            both = fused.scale_backward(grad, view, grid)  # one pass for the gradient and the block sums
+            if both is not None:
+                return both
         factor = spread_over_taps(grid, view)  # recomputed (1 / c of the weight): differentiable for gradgrad
         if not ctx.needs_input_grad[1]:
             return grad * factor, None

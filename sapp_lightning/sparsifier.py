@@ -288,7 +288,13 @@ class BlockSparsifier:
         algorithm = self.algorithm
         refuse_tied = f"{algorithm.name} in prune_mode={algorithm.prune_mode!r}" if algorithm.reparametrizes else None
         chosen, choices = choose_layers(
-            model, self.block_size, self.min_blocks, self._include, self._exclude, refuse_tied=refuse_tied
+            model,
+            self.block_size,
+            self.min_blocks,
+            self._include,
+            self._exclude,
+            refuse_tied=refuse_tied,
+            cannot_train=algorithm.cannot_train,
         )
         already = [c.name for c in chosen if carries_block_pruning(c.module)]
         if already:
@@ -603,10 +609,11 @@ class BlockSparsifier:
 
     def raise_on_config_difference(self, saved: dict[str, Any]) -> None:
         ours = self.config()
+        keys = [*ours, *(key for key in saved if key not in ours)]  # a knob left at its default is not listed
         diffs = [
-            f"{key}: checkpoint {saved.get(key)!r}, this callback {ours[key]!r}"
-            for key in ours
-            if saved.get(key) != ours[key]
+            f"{key}: checkpoint {saved.get(key)!r}, this callback {ours.get(key)!r}"
+            for key in keys
+            if saved.get(key) != ours.get(key)
         ]
         if diffs:
             raise ValueError(

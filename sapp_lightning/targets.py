@@ -9,10 +9,10 @@ kernel of the model gets a :class:`LayerChoice` saying whether it is pruned and,
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from .blocks import BlockLayout, BlockSize, kernel_kind, normalize_block_size
 from .distributed import rank_zero_warn
@@ -162,14 +162,23 @@ def choose_layers(
     include: Sequence[re.Pattern] = (),
     exclude: Sequence[re.Pattern] = (),
     refuse_tied: str | None = None,
+    cannot_train: Callable[[Tensor], str | None] | None = None,
 ) -> tuple[list[Candidate], list[LayerChoice]]:
     """:func:`survey`, deciding on tied weights and refusing a model with nothing to prune.
 
     A tied weight stays dense with a warning, unless ``include`` names it: then it is pruned once, through its
     first owner, where the algorithm zeroes blocks in place; ``refuse_tied`` (the algorithm, when it
-    reparametrizes the forward of one module only) refuses it. Raises ``ValueError`` before anything changes.
+    reparametrizes the forward of one module only) refuses it. A weight for which ``cannot_train`` (the
+    algorithm's check) gives a reason stays dense with that reason and a warning. Raises ``ValueError`` before
+    anything changes.
     """
     chosen, choices, tied = survey(model, block_size, min_blocks, include, exclude)
+    untrainable = {c.name: why for c in chosen if cannot_train and (why := cannot_train(c.weight.detach()))}
+    if untrainable:
+        chosen = [c for c in chosen if c.name not in untrainable]
+        choices = [LayerChoice(c.name, c.type_name, c.layout, untrainable.get(c.name, c.reason)) for c in choices]
+        listed = "; ".join(f"{name} ({why})" for name, why in untrainable.items())
+        rank_zero_warn(f"BlockPruning: these weights stay dense: {listed}")
     if tied and include:  # the user named a tied weight
         if refuse_tied is not None:
             owners = ", ".join(c.reason.removeprefix("tied with ") for c in choices if c.name == tied[0].name)
@@ -192,6 +201,8 @@ def choose_layers(
             f"BlockPruning: tied weights stay dense: {listed}. To prune one, include it by name (include=[...]): "
             "acdc and magnitude with prune_mode='zero' prune it once for all its owners"
         )
+    if not chosen and untrainable:
+        raise ValueError(f"no layer to prune: {'; '.join(f'{n} is {why}' for n, why in untrainable.items())}")
     if not chosen:
         blockable = [c for c in choices if c.layout is not None and c.reason.startswith(("tied", "embed_dim"))
                      or "under min_blocks" in (c.reason or "")]  # fmt: skip

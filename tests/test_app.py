@@ -229,3 +229,12 @@ def test_a_global_batch_is_split_over_the_devices_and_a_share_that_does_not_divi
     Trainer.world_size = 3
     with pytest.raises(ValueError, match="global_batch_size=2048 does not split over 3 device"):
         pin_global_batch(cfg, data, Trainer())
+
+
+def test_the_algorithms_own_knobs_reach_them_from_the_command_line(tmp_path):
+    sapp = build_pruning(
+        compose_cfg(["pruning=sapp", "pruning.softmax_over=kept", "pruning.alpha=3"], tmp_path).pruning
+    )
+    assert sapp.sparsifier.algorithm.softmax_over == "kept"  # alpha is PowerPropagation's: ignored here
+    powerprop = build_pruning(compose_cfg(["pruning=powerprop", "pruning.alpha=3"], tmp_path).pruning)
+    assert powerprop.sparsifier.algorithm.config() == {"prune_mode": "mask", "alpha": 3.0}

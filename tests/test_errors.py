@@ -403,3 +403,19 @@ def test_two_block_pruning_callbacks_on_one_trainer_are_refused_by_lightning(tmp
 def test_an_endless_fit_is_refused(tmp_path):
     with pytest.raises(ValueError, match="BlockPruning needs a finite training length: set max_epochs or max_steps"):
         make_trainer(tmp_path, [pruning("acdc")], max_epochs=-1).fit(TinyNet(), tiny_loader())
+
+
+def test_powerprop_leaves_an_all_zero_weight_dense_saying_why_and_refuses_a_model_with_only_such_weights():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    nn.init.zeros_(model[2].weight)  # as torchvision's ViT head: a zero block never moves under PowerPropagation
+    sparsifier = BlockSparsifier("powerprop", 0.5, 8, min_blocks=4)
+    with pytest.warns(UserWarning, match=r"stay dense: 2 \(all zero: PowerPropagation's all-zero blocks get no"):
+        sparsifier.prepare(model)
+    assert [layer.name for layer in sparsifier.layers] == ["0"]
+    assert {c.name: c.reason for c in sparsifier.choices}["2"].startswith("all zero")
+    fresh = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    for layer in fresh:
+        nn.init.zeros_(layer.weight)
+    with pytest.raises(ValueError, match=r"no layer to prune: 0 is all zero: .*; 1 is all zero: "):
+        BlockSparsifier("powerprop", 0.5, 8, min_blocks=4).prepare(fresh)
+    assert not any("parametrizations" in name for name, _ in fresh.named_modules())  # untouched

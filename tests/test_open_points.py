@@ -212,3 +212,44 @@ def test_the_defaults_are_the_specs_and_leave_the_configuration_as_before():
         "algorithm", "sparsity", "block_size", "min_blocks", "include", "exclude", "prune_mode",
         "attention_clipping", "plan", "schedule_exponent", "layers", "kinds",
     }  # fmt: skip
+
+
+def test_powerprop_alpha_keeps_the_init_trains_differently_and_is_part_of_the_configuration():
+    from sapp_lightning.algorithms import PowerPropagation
+
+    torch.manual_seed(0)
+    reference, model = TinyNet(), None
+    for alpha in (2, 3):
+        torch.manual_seed(0)
+        model = TinyNet()
+        sparsifier("powerprop", alpha=alpha).prepare(model)
+        torch.testing.assert_close(model.fc1.weight, reference.fc1.weight)  # W starts at the user's init either way
+    runs = {alpha: sparsifier("powerprop", alpha=alpha) for alpha in (2, 3)}
+    models = {alpha: drive(s) for alpha, s in runs.items()}
+    assert not torch.allclose(models[2].fc1.weight, models[3].fc1.weight)
+    for s in runs.values():
+        assert [layer.zero_blocks for layer in s.report().layers] == [n - keep_count(n, 0.5) for n in PRUNED.values()]
+    assert runs[3].algorithm.config() == {"prune_mode": "mask", "alpha": 3.0}
+    assert runs[2].algorithm.config() == PowerPropagation().config() == {"prune_mode": "mask"}  # as before alpha
+    with pytest.raises(ValueError, match=r"alpha: checkpoint 3\.0, this callback None"):
+        fresh = sparsifier("powerprop")
+        fresh.prepare(TinyNet())
+        fresh.load_state_dict(runs[3].state_dict())
+
+
+@pytest.mark.parametrize("alpha", [0.5, True, "2"])
+def test_bad_powerprop_alpha(alpha):
+    from sapp_lightning.algorithms import PowerPropagation
+
+    with pytest.raises(ValueError, match=r"alpha must be a number >= 1 \(the paper's block PowerPropagation is 2\)"):
+        PowerPropagation(alpha=alpha)
+
+
+def test_resuming_a_run_that_set_a_knob_without_it_is_refused():
+    """Knobs at their default are left out of the configuration; one set in the checkpoint must still count."""
+    saved = sparsifier(softmax_over="kept")
+    saved.prepare(TinyNet())
+    fresh = sparsifier()
+    fresh.prepare(TinyNet())
+    with pytest.raises(ValueError, match=r"softmax_over: checkpoint 'kept', this callback None"):
+        fresh.load_state_dict(saved.state_dict())

@@ -66,18 +66,52 @@ def build_algorithm(algorithm: str | PruningAlgorithm, **options: Any) -> Prunin
 
 
 class BlockReparam(nn.Module):
-    """A parametrization ``weight -> weight * expand(block_scale(weight))`` with a per-block mask."""
+    """A parametrization ``weight -> weight * expand(block_scale(weight))`` with a per-block mask.
+
+    With the mask alone as the factor (ACDC and magnitude in ``prune_mode="mask"``) an all-ones mask is an exact
+    identity, and the forward returns ``weight`` itself: no full-size multiply in dense phases.
+
+    Example:
+        >>> layout = BlockLayout.for_weight(torch.zeros(32, 32), block_size=16)
+        >>> reparam, weight = BlockReparam(layout), torch.randn(32, 32)
+        >>> reparam(weight) is weight
+        True
+        >>> reparam.block_mask[0, 1] = False  # kernel block (0, 1) = weight[16:, :16]; seen by the version counter
+        >>> bool((reparam(weight)[16:, :16] == 0).all()), bool((reparam(weight)[:16] == weight[:16]).all())
+        (True, True)
+    """
 
     def __init__(self, layout: BlockLayout) -> None:
         super().__init__()
         self.layout = layout
         self.register_buffer("block_mask", torch.ones(layout.grid_shape, dtype=torch.bool))
+        self._mask_seen: tuple[int, int, int] | None = None
+        self._mask_all_ones = False
 
     def block_scale(self, weight: Tensor) -> Tensor:
         return self.block_mask
 
+    def mask_is_all_ones(self) -> bool:
+        """Whether every block is kept. Read from the mask (one host sync) only after it changed: an in-place
+        change bumps its version counter, a new tensor changes its identity or storage."""
+        mask = self.block_mask
+        seen = (id(mask), mask.data_ptr(), mask._version)
+        if seen != self._mask_seen:
+            self._mask_all_ones = bool(mask.all())
+            self._mask_seen = seen
+        return self._mask_all_ones
+
+    def mark_mask_changed(self) -> None:
+        """Make the next forward read the mask again: for a change its version counter does not see (a write
+        through ``.data``, or a collective that fills the buffer outside autograd's tracking)."""
+        self._mask_seen = None
+
     def forward(self, weight: Tensor) -> Tensor:
-        return self.layout.scale(weight, self.block_scale(weight))
+        scale = self.block_scale(weight)
+        # under torch.compile the multiply stays in the graph, so that no phase change recompiles it
+        if scale is self.block_mask and not torch.compiler.is_compiling() and self.mask_is_all_ones():
+            return weight
+        return self.layout.scale(weight, scale)
 
 
 MASK_SUFFIX = "_block_mask"  # a layer without a parametrization keeps its mask in the buffer ``<param>_block_mask``
@@ -222,6 +256,10 @@ class PruningAlgorithm:
     def block_importance(self, layer: PrunedLayer) -> Tensor:
         """The score in readable units (same order as :meth:`block_scores`): here the block's Frobenius norm."""
         return self.block_scores(layer).sqrt()
+
+    def cannot_train(self, weight: Tensor) -> str | None:
+        """Why this algorithm could not train ``weight`` (it then stays dense), or ``None``."""
+        return None
 
     def trainable_parameters(self, layer: PrunedLayer) -> list[nn.Parameter]:
         """Parameters the algorithm adds to a layer; they must reach an optimizer."""
