@@ -95,6 +95,18 @@ def build_callbacks(cfg: DictConfig, pruning: BlockPruning | None, has_logger: b
     return callbacks + ([pruning] if pruning is not None else [])
 
 
+def kept_attention_range(sparsifier: Any) -> dict[str, list[float]]:
+    """SA++: per pruned layer, the smallest and largest attention ``A = N softmax(L)`` over its kept blocks (empty
+    for the other algorithms and for SA++ ranked by ``score=magnitude``). Taken when training ends, before the
+    commit folds ``A`` into the weights: a range close to ``[1, 1]`` means the logits barely moved."""
+    ranges = {}
+    for state in sparsifier.layer_states():
+        kept = state.importance[state.mask]
+        if state.importance_name == "attention" and kept.numel():
+            ranges[state.name] = [round(float(kept.min()), 4), round(float(kept.max()), 4)]
+    return ranges
+
+
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
@@ -149,6 +161,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     loggers = build_loggers(cfg.logger)
     trainer = build_trainer(cfg, build_callbacks(cfg.callbacks, pruning, has_logger=bool(loggers)), loggers)
     pin_global_batch(cfg, datamodule, trainer)
+    attention: dict[str, list[float]] = {}
+    if pruning is not None:  # the commit event comes right before the attention is folded into the weights
+        pruning.sparsifier.add_listener(lambda s, event: event.kind == "commit" and attention.update(kept_attention_range(s)))
     started = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
@@ -181,7 +196,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         "pruned_layers": [layer.name for layer in report.layers] if report else [],
         "fit_seconds": fit_seconds,
         "steps": trainer.global_step,
+        "epochs": cfg.trainer.max_epochs,
     }
+    if attention:
+        results["attention_range"] = attention
     if trainer.is_global_zero:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)

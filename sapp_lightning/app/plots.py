@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..paper import CRITEO_DENSE_LOSS, IMAGENET_DENSE_TOP1, paper_value
-from ..results import METHOD_NAMES, METHOD_ORDER, load_results
+from ..results import METHOD_NAMES, METHOD_ORDER, load_jsonl, load_results
 
 if TYPE_CHECKING:  # matplotlib is an optional extra
     import pytorch_lightning as pl
@@ -439,7 +439,7 @@ def records_from_results(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
                 "task": r.get("task", "classification"),
                 "data": r.get("data", ""),
                 "model": r.get("model", ""),
-                "epochs": None,
+                "epochs": r.get("epochs"),
                 "pruned_layers": tuple(r.get("pruned_layers") or ()),
                 **{k: v for k, v in metrics.items() if v is not None},
             }
@@ -447,40 +447,11 @@ def records_from_results(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
     return out
 
 
-JSONL_MODELS = {"mlp": "MLP", "cnn": "SmallCNN", "cnn_nobn": "SmallCNN (no BatchNorm)"}  # bench/quality.py --models
-
-
 def records_from_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The runs of a ``bench/quality.py`` JSON lines file as plot records; ablation rows (with ``options``) are
-    left out, and a run written twice counts once (the last line, as ``--table`` reads it)."""
-    rows: dict[str, dict[str, Any]] = {}
-    for line in Path(path).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line of an interrupted sweep
-            continue
-        rows[row.get("key", line)] = row
-    out = []
-    for r in rows.values():
-        if r.get("options"):
-            continue
-        ctr = r.get("part") == "ctr"
-        metrics = {"acc": r.get("val_acc"), "loss": r.get("val_loss"), "auroc": r.get("val_auroc")}
-        out.append(
-            {
-                "method": r["method"],
-                "sparsity": float(r["sparsity"]),
-                "block": int(r["block"]),
-                "seed": r.get("seed"),
-                "task": "ctr" if ctr else "classification",
-                "data": "MovieLensCTRDataModule" if ctr else "FashionMNISTDataModule",
-                "model": "CriteoPaperNet" if ctr else JSONL_MODELS.get(r.get("model"), r.get("model")),
-                "epochs": r.get("epochs"),
-                "pruned_layers": tuple(sorted(r.get("pruned_layers") or ())),
-                **{k: v for k, v in metrics.items() if v is not None},
-            }
-        )
-    return out
+    """The runs of a ``bench/quality.py`` JSON lines file as plot records (read by
+    :func:`sapp_lightning.results.load_jsonl`, older lines included); runs with a variant (ablations, swept
+    overrides) are left out, and a run written twice counts once (its last line)."""
+    return records_from_results(r for r in load_jsonl(path) if not r.get("variant"))
 
 
 def paper_setting(records: Sequence[dict[str, Any]]) -> str | None:
