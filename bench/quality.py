@@ -216,13 +216,21 @@ def variant_name(variant: str, part: str) -> str:
     ``pruning.schedule_exponent=2.0`` of an older line is ``c2``); else the overrides themselves.
 
     Example:
-        >>> variant_name("pruning.schedule_exponent=2.0", "ctr"), variant_name("pruning.logit_l2=0", "ctr")
-        ('c2', 'pruning.logit_l2=0')
+        >>> variant_name("pruning.schedule_exponent=2.0", "ctr"), variant_name("pruning.logit_l2=0.0001", "ctr")
+        ('c2', 'logit_l2_1e-4')
+        >>> variant_name("pruning.logit_l2=0", "ctr")
+        'pruning.logit_l2=0'
     """
     import yaml
 
+    def value(text: str) -> Any:
+        try:
+            return float(text)  # YAML 1.1 reads 1e-4 as a string
+        except ValueError:
+            return yaml.safe_load(text)
+
     def parsed(overrides: list[str]) -> dict[str, Any]:
-        return {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in overrides)}
+        return {k: value(v) for k, _, v in (o.partition("=") for o in overrides)}
 
     mine = parsed(variant.split())
     for name in ABLATIONS:
@@ -241,6 +249,17 @@ def group_by_pruned_layers(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], 
     return groups
 
 
+def override_value(row: dict[str, Any], key: str) -> str | None:
+    """The value a run's overrides gave ``key`` (``None`` where they leave it to the config).
+
+    Example:
+        >>> override_value({"overrides": ["recipe=movielens_ctr", "pruning.min_blocks=17"]}, "pruning.min_blocks")
+        '17'
+    """
+    found = [v for k, _, v in (o.partition("=") for o in row.get("overrides") or ()) if k.lstrip("+~") == key]
+    return found[-1] if found else None
+
+
 def tables(rows: list[dict[str, Any]]) -> str:
     """The tables of a set of runs: per (task, model, length), and for images per set of pruned layers, the paper's
     layout of the plain runs (validation and test metric, AUROC for CTR, achieved sparsity beside each) and, where
@@ -248,10 +267,12 @@ def tables(rows: list[dict[str, Any]]) -> str:
     out = []
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        groups[(r["task"], r["model"], r.get("epochs"))].append(r)
+        part = "ctr" if r["task"] == "ctr" else "images"
+        named = dict(r, variant=variant_name(r["variant"], part)) if r.get("variant") else r
+        groups[(r["task"], r["model"], r.get("epochs"))].append(named)
     for (task, model, epochs), runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         dense = [r for r in runs if r["algorithm"] == "dense" and not r.get("variant")]
-        length = f", {epochs} epochs" if epochs else ""
+        title = f"{model} ({task}{f', {epochs} epochs' if epochs else ''})"
         if task == "ctr":
             sets = {(): [r for r in runs if r["algorithm"] != "dense"]}
             stats = [("mean", "validation BCE", "criteo"), ("test_mean", "test BCE", "criteo")]
@@ -260,25 +281,26 @@ def tables(rows: list[dict[str, Any]]) -> str:
             sets = group_by_pruned_layers(runs)
             stats = [("mean", "validation top-1 %", "imagenet"), ("test_mean", "test top-1 %", "imagenet")]
         for layers, pruned in sorted(sets.items()):
-            name = f"{model} ({task}{length})" + (f", pruned {', '.join(layers)}" if layers else "")
-            if task != "ctr":
-                rules = sorted({(r["block_size"], r.get("min_blocks")) for r in pruned if r.get("min_blocks")})
-                name += f" (min_blocks {', '.join(f'B={b}: {m}' for b, m in rules)})" if rules else ""
+            name = title + (f", pruned {', '.join(layers)}" if layers else "")
+            rules = {(r["block_size"], r.get("min_blocks") or override_value(r, "pruning.min_blocks")) for r in pruned}
+            if task != "ctr" and any(m for _, m in rules):
+                name += " (min_blocks " + ", ".join(f"B={b}: {m or 100}" for b, m in sorted(rules)) + ")"
             plain = [r for r in pruned if not r.get("variant")]
             if plain:
                 summary = summarize(dense + plain)
                 for stat, label, paper in stats:
                     table = paper_table(summary, paper, stat=stat, achieved=True)
-                    out.append(f"{name}: {label}, mean ± std over seeds (achieved block sparsity)"
-                               + (f", [the paper's {paper} number]" if paper else "") + f"\n\n{table}")  # fmt: skip
+                    note = f", [the paper's {paper} number]" if paper else ""
+                    out.append(f"{name}: {label}, mean ± std over seeds (achieved block sparsity){note}\n\n{table}")
             variants = [r for r in pruned if r.get("variant")]
             if variants:
                 cells = {(r["sparsity"], r["block_size"]) for r in variants}
-                refs = [r for r in plain if r["algorithm"] in ("sapp", "acdc") and (r["sparsity"], r["block_size"]) in cells]
-                named = [dict(r, variant=variant_name(r["variant"], "ctr" if task == "ctr" else "images")) for r in variants]
-                summary = summarize(refs + named)
+                refs = [r for r in plain if r["algorithm"] in ("sapp", "acdc")]
+                summary = summarize([r for r in refs if (r["sparsity"], r["block_size"]) in cells] + variants)
                 for stat, label, _ in stats:
-                    out.append(f"{name}, variants: {label}\n\n{paper_table(summary, None, stat=stat)}")
+                    out.append(
+                        f"{name}, variants: {label}, mean ± std over seeds\n\n{paper_table(summary, None, stat)}"
+                    )
             out.append(f"{name}: every configuration\n\n{runs_table(summarize(dense + pruned))}")
     return "\n\n".join(out)
 

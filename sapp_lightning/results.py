@@ -73,7 +73,8 @@ def _legacy_row(row: dict[str, Any]) -> dict[str, Any]:
 
     options = row.get("options") or {}
     variant = " ".join(
-        f"{'model.module' if k == 'logit_lr_scale' else 'pruning'}.{k}={json.dumps(v)}" for k, v in sorted(options.items())
+        f"{'model.module' if k == 'logit_lr_scale' else 'pruning'}.{k}={json.dumps(v)}"
+        for k, v in sorted(options.items())
     )
     return {
         "key": row.get("key"),
@@ -140,7 +141,8 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def summarize(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Group runs by (algorithm, sparsity, block size, variant) and average over seeds: the primary metric
-    (``mean``/``std``), its test value (``test_mean``) and, where logged, AUROC (``auroc_mean``, ``test_auroc_mean``)."""
+    (``mean``/``std``), its test value (``test_mean``) and, where logged, AUROC (``auroc_mean``,
+    ``test_auroc_mean``)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         key = (row["algorithm"], float(row["sparsity"]), int(row["block_size"]), row.get("variant") or "")
@@ -173,9 +175,7 @@ def summarize(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return sorted(
-        summary, key=lambda s: (s["sparsity"], s["block_size"], order.get(s["algorithm"], 99), s["variant"])
-    )
+    return sorted(summary, key=lambda s: (s["sparsity"], s["block_size"], order.get(s["algorithm"], 99), s["variant"]))
 
 
 def method_label(summary: dict[str, Any]) -> str:

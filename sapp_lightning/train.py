@@ -161,9 +161,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     loggers = build_loggers(cfg.logger)
     trainer = build_trainer(cfg, build_callbacks(cfg.callbacks, pruning, has_logger=bool(loggers)), loggers)
     pin_global_batch(cfg, datamodule, trainer)
-    attention: dict[str, list[float]] = {}
-    if pruning is not None:  # the commit event comes right before the attention is folded into the weights
-        pruning.sparsifier.add_listener(lambda s, event: event.kind == "commit" and attention.update(kept_attention_range(s)))
+    attention: dict[str, list[float]] = {}  # filled at the commit event, right before A is folded into the weights
+    if pruning is not None:
+        pruning.sparsifier.add_listener(lambda s, e: e.kind == "commit" and attention.update(kept_attention_range(s)))
     started = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
