@@ -712,6 +712,112 @@ def _result_caption(records: Sequence[dict[str, Any]], setting: str | None) -> s
     )
 
 
+# --- SA++'s block score: attention against magnitude (the paper's Fig. 2(a)) -------------------------------------
+# Okabe-Ito colours (as METHOD_COLORS), one per sparsity level in ascending order.
+LEVEL_COLORS = ["#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
+SCORE_VARIANTS = {"": "attention", "pruning.score=attention": "attention", "pruning.score=magnitude": "magnitude"}
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Accuracy with attention scores minus accuracy with magnitude scores (points), seed by seed."""
+
+    block: int
+    sparsity: float
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+
+def score_differences(rows: Iterable[dict[str, Any]], split: str = "val") -> dict[str, list[Difference]]:
+    """``{model: [Difference per (block, sparsity)]}`` from SA++ runs (``results.json`` rows, e.g.
+    :func:`sapp_lightning.results.load_jsonl`) that differ only in ``pruning.score``: the plain or
+    ``pruning.score=attention`` runs against the ``pruning.score=magnitude`` runs of the same model, block size,
+    sparsity and seed (only seeds with both are paired).
+
+    Example:
+        >>> rows = [{"algorithm": "sapp", "model": "MLP", "block_size": 16, "sparsity": 0.9, "seed": s,
+        ...          "variant": v, "val": {"val/acc": a}}
+        ...         for s, v, a in [(0, "", 0.82), (0, "pruning.score=magnitude", 0.80), (1, "", 0.83)]]
+        >>> score_differences(rows)["MLP"][0].values  # seed 1 has no magnitude run
+        (2.0,)
+    """
+    arms: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        score = SCORE_VARIANTS.get(r.get("variant") or "")
+        value = r.get(split, {}).get(f"{split}/acc")
+        if r["algorithm"] == "sapp" and score and value is not None:
+            arms[(r["model"], int(r["block_size"]), round(float(r["sparsity"]), 6), r["seed"])][score] = 100 * value
+    paired: dict[tuple[str, int, float], list[float]] = defaultdict(list)
+    for (model, block, sparsity, _), pair in sorted(arms.items(), key=lambda kv: str(kv[0])):
+        if len(pair) == 2:
+            paired[(model, block, sparsity)].append(round(pair["attention"] - pair["magnitude"], 10))
+    out: dict[str, list[Difference]] = defaultdict(list)
+    for (model, block, sparsity), values in sorted(paired.items()):
+        out[model].append(Difference(block, sparsity, tuple(values)))
+    return dict(out)
+
+
+def score_difference_figure(differences: dict[str, list[Difference]], title: str | None = None) -> Figure:
+    """Grouped bars shaped like the paper's Fig. 2(a): one panel per model, x = block size, one bar (colour) per
+    sparsity, y = top-1 with attention scores minus top-1 with magnitude scores in points (positive: attention is
+    better), bars at the mean over seeds with min-max whiskers and each seed's difference as a dot."""
+    Figure, FigureCanvasAgg = _matplotlib()
+    from matplotlib.patches import Patch
+
+    if not differences:
+        raise ValueError("no pairs of SA++ runs with attention and magnitude scores")
+    levels = sorted({d.sparsity for ds in differences.values() for d in ds})
+    colors = {s: LEVEL_COLORS[i % len(LEVEL_COLORS)] for i, s in enumerate(levels)}
+    counts = [len({d.block for d in ds}) for ds in differences.values()]  # panel widths follow the block sizes
+    fig = Figure(figsize=(2.6 + 2.3 * sum(counts), 4.3), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(differences), squeeze=False, sharey=True, gridspec_kw={"width_ratios": counts})[0]
+    width = 0.8 / len(levels)
+    for ax, (model, ds) in zip(axes, differences.items()):
+        blocks = sorted({d.block for d in ds})
+        for d in ds:
+            x = blocks.index(d.block) + (levels.index(d.sparsity) - (len(levels) - 1) / 2) * width
+            low, high = min(d.values), max(d.values)
+            ax.bar(x, d.mean, width * 0.9, color=colors[d.sparsity], zorder=2)
+            ax.errorbar(x, d.mean, yerr=[[d.mean - low], [high - d.mean]], color="#333333", lw=1, capsize=3, zorder=3)
+            ax.plot([x] * len(d.values), d.values, ls="none", marker="o", ms=3, mfc="white", mec="#333333", zorder=4)
+        ax.axhline(0, color="#000000", lw=1, zorder=1)
+        ax.set_xticks(range(len(blocks)), [f"{b}x{b}" for b in blocks])
+        ax.set_xlim(-0.55, len(blocks) - 0.45)
+        ax.set_xlabel("block size")
+        ax.set_title(f"{model} ({len(ds[0].values)} seeds)" if len({len(d.values) for d in ds}) == 1 else model)
+        ax.grid(axis="y", color="#dddddd", lw=0.6, zorder=0)
+        ax.set_axisbelow(True)
+    axes[0].set_ylabel("top-1: attention minus magnitude (points)")
+    handles = [Patch(color=colors[s], label=f"{s:.0%} sparsity") for s in levels]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+    fig.suptitle(
+        title or "SA++ block score: softmax attention vs block magnitude (paper's Fig. 2(a) shape)", fontsize=11
+    )
+    fig.supxlabel(
+        "Bars: mean over seeds of the paired difference (same seed, schedule, resets and phases); whiskers: min-max; "
+        "dots: seeds. Positive: attention is better.",
+        fontsize=8,
+    )
+    return fig
+
+
+def plot_score_difference(paths: Sequence[str | Path], out: str | Path, split: str = "val") -> Path:
+    """The Fig. 2(a)-shaped figure of the runs in ``paths`` (JSON lines) as ``out/score_attention_vs_magnitude.png``."""
+    rows = [r for path in paths for r in load_jsonl(path)]
+    return save_figure(score_difference_figure(score_differences(rows, split)), Path(out) / SCORE_FIGURE)
+
+
+SCORE_FIGURE = "score_attention_vs_magnitude.png"
+
+
 # --- sweep folders and JSON lines files --------------------------------------------------------------------------
 def _group_key(record: dict[str, Any]) -> tuple:
     return (record["data"], record["model"], record["task"], record.get("epochs"))
@@ -779,8 +885,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="folder for the figures of .jsonl files (default: beside each file) and of single runs (named "
         "sparsity_curve_<method>.png there; default: sparsity_curve.png in the run folder)",
     )  # fmt: skip
+    parser.add_argument(
+        "--score-difference", action="store_true",
+        help="the .jsonl sources together: SA++ with attention against magnitude scores (Fig. 2(a)), as "
+        f"OUT/{SCORE_FIGURE}",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
+        if args.score_difference:
+            print(f"wrote {plot_score_difference(args.sources, args.out or args.sources[0].parent)}")
+            return 0
         for source in args.sources:
             if source.suffix == ".jsonl":
                 written = plot_jsonl([source], args.out or source.parent)
