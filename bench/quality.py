@@ -268,7 +268,8 @@ def tables(rows: list[dict[str, Any]]) -> str:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         part = "ctr" if r["task"] == "ctr" else "images"
-        named = dict(r, variant=variant_name(r["variant"], part)) if r.get("variant") else r
+        # older lines (no overrides) by their ablation's name, as docs/results.md shows them; new ones by overrides
+        named = dict(r, variant=variant_name(r["variant"], part)) if r.get("variant") and not r.get("overrides") else r
         groups[(r["task"], r["model"], r.get("epochs"))].append(named)
     for (task, model, epochs), runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         dense = [r for r in runs if r["algorithm"] == "dense" and not r.get("variant")]
@@ -305,9 +306,36 @@ def tables(rows: list[dict[str, Any]]) -> str:
     return "\n\n".join(out)
 
 
+def score_table(rows: list[dict[str, Any]], split: str = "val") -> str:
+    """SA++ with attention scores minus SA++ with magnitude scores (the paper's Fig. 2(a)), top-1 in points, per
+    model, sparsity and block size: mean ± std over the paired seeds, [min, max]; empty without such pairs."""
+    from sapp_lightning.app.plots import score_differences
+
+    lines = []
+    for model, differences in score_differences(rows, split).items():
+        blocks = sorted({d.block for d in differences})
+        cells = {(d.sparsity, d.block): d for d in differences}
+        lines += [f"| {model} | " + " | ".join(f"B={b}" for b in blocks) + " |", "|---" * (1 + len(blocks)) + "|"]
+        for sparsity in sorted({d.sparsity for d in differences}):
+            row = [cells.get((sparsity, b)) for b in blocks]
+            text = [
+                f"{d.mean:+.2f} ± {d.std:.2f} [{min(d.values):+.2f}, {max(d.values):+.2f}] (n={len(d.values)})"
+                if d
+                else "—"
+                for d in row
+            ]
+            lines.append(f"| {sparsity:.0%} | " + " | ".join(text) + " |")
+        lines.append("")
+    return "\n".join(lines).strip()
+
+
 def print_tables(paths: list[Path]) -> None:
     rows = [r for p in paths for r in load_jsonl(p)]
     print(tables(rows) if rows else "(no runs)")
+    for split, label in (("val", "validation"), ("test", "test")):
+        table = score_table(rows, split)
+        if table:
+            print(f"\nSA++ with attention minus magnitude scores (Fig. 2(a)), {label} top-1, points\n\n{table}")
 
 
 # --- command line ------------------------------------------------------------------------------------

@@ -220,7 +220,8 @@ def test_images_ablation_without_sparsification_follows_the_imagenet_acdc_plan(t
     rows = [dict(r, **fields) for r in rows]
     text = quality.tables(rows)
     variants = text[text.index("variants: validation") :]
-    assert cells(variants, "90%", "SA++ no_sparsify") == ["80.00"] and cells(variants, "90%", "SA++") == ["82.00"]
+    assert cells(variants, "90%", "SA++ pruning.plan=imagenet_acdc") == ["80.00"]
+    assert cells(variants, "90%", "SA++") == ["82.00"]
 
 
 @pytest.mark.parametrize("part", ["ctr", "images"])
@@ -252,6 +253,10 @@ def test_tables_show_auroc_and_achieved_sparsity_and_read_the_committed_lines():
     assert cells(bce, "0%", "Dense") == ["0.7370 ± 0.0996 [0.4489]"]
     auroc = text[text.index("validation AUROC") : text.index("test AUROC")]
     assert cells(auroc, "99%", "ACDC") == ["0.6731 ± 0.0075 (99.0%)"]
+    text = quality.tables(load_jsonl(quality.RESULTS / "ablations.jsonl"))  # older lines: ablations by name
+    variants = text[text.index("CriteoPaperNet (ctr, 3 epochs), variants: validation BCE") :]
+    assert cells(variants, "90%", "SA++ c2") == ["0.6775 ± 0.0202"]
+    assert cells(variants, "98%", "SA++ logit_l2_1e-4") == ["0.6759 ± 0.0103"]
     text = quality.tables(load_jsonl(quality.RESULTS / "images.jsonl"))
     mlp = text[text.index("MLP (classification, 2 epochs), pruned net.1, net.3 ") :]
     assert cells(mlp, "95%", "SA++")[:2] == ["81.11 ± 1.35 (95.0%) [64.27]", "81.95 ± 0.73 (95.0%) [65.41]"]
