@@ -338,6 +338,29 @@ def print_tables(paths: list[Path]) -> None:
             print(f"\nSA++ with attention minus magnitude scores (Fig. 2(a)), {label} top-1, points\n\n{table}")
 
 
+def compare_table(paths: list[Path], stat: str = "mean") -> str:
+    """The plain runs of several files side by side: one row per (sparsity, method), one column per file (e.g. a
+    grid before and after a change), cells mean ± std over seeds of ``stat`` (as :func:`paper_table`'s)."""
+    prefix = stat.removesuffix("mean")
+    summaries = [summarize(r for r in load_jsonl(path) if not r.get("variant")) for path in paths]
+    cells: dict[tuple, list[str]] = defaultdict(lambda: ["—"] * len(paths))
+    for i, summary in enumerate(summaries):
+        for s in summary:
+            if f"{prefix}mean" in s:
+                digits = 2 if s["metric"] == "val/acc" and "auroc" not in stat else 4
+                key = (0.0 if s["algorithm"] == "dense" else s["sparsity"], s["block_size"], s["algorithm"])
+                text = f"{s[f'{prefix}mean']:.{digits}f} ± {s[f'{prefix}std']:.{digits}f}"
+                cells[(key[0], 0 if s["algorithm"] == "dense" else key[1], key[2])][i] = f"{text} (n={s[f'{prefix}n']})"
+    order = {m: i for i, m in enumerate(METHODS)}
+    lines = [
+        "| sparsity | block | method | " + " | ".join(p.name for p in paths) + " |",
+        "|---" * (3 + len(paths)) + "|",
+    ]
+    for (sparsity, block, method), row in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]])):
+        lines.append(f"| {sparsity:.0%} | {block or '—'} | {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 # --- command line ------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -358,6 +381,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--processes", type=int, default=2, help="runs in parallel, one thread each")
     p.add_argument("--out", type=Path, help="JSON lines file (default bench/results/<part>.jsonl)")
     p.add_argument("--table", type=Path, nargs="*", help="only print the tables of these files")
+    p.add_argument("--compare", type=Path, nargs="+", help="only print these files' plain runs side by side")
     return p.parse_args(argv)
 
 
@@ -365,6 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.table is not None:
         print_tables(args.table)
+        return 0
+    if args.compare:
+        stats = ("mean", "test_mean", "auroc_mean", "test_auroc_mean")
+        labels = ("validation BCE or top-1 %", "test BCE or top-1 %", "validation AUROC", "test AUROC")
+        for stat, label in zip(stats, labels):
+            table = compare_table(args.compare, stat)
+            if "±" in table:
+                print(f"\n{label}, mean ± std over seeds\n\n{table}")
         return 0
     if args.quick:
         out = args.out or Path("runs/quality/quick.jsonl")

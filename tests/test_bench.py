@@ -253,6 +253,8 @@ def test_tables_show_auroc_and_achieved_sparsity_and_read_the_committed_lines():
     assert cells(bce, "0%", "Dense") == ["0.7370 ± 0.0996 [0.4489]"]
     auroc = text[text.index("validation AUROC") : text.index("test AUROC")]
     assert cells(auroc, "99%", "ACDC") == ["0.6731 ± 0.0075 (99.0%)"]
+    both = quality.compare_table([quality.RESULTS / "ctr25.jsonl", quality.RESULTS / "ctr.jsonl"], "auroc_mean")
+    assert cells(both, "90%", "10", "sapp") == ["0.6700 ± 0.0170 (n=3)", "0.6423 ± 0.0054 (n=3)"]  # 25 / 3 epochs
     text = quality.tables(load_jsonl(quality.RESULTS / "ablations.jsonl"))  # older lines: ablations by name
     variants = text[text.index("CriteoPaperNet (ctr, 3 epochs), variants: validation BCE") :]
     assert cells(variants, "90%", "SA++ c2") == ["0.6775 ± 0.0202"]
