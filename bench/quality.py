@@ -38,7 +38,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: use this checkout's bench and sapp_lightning, not an installed copy
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import quiet, run_pool  # noqa: E402
+from bench.common import append_row, load_done, quiet, run_pool  # noqa: E402
 from sapp_lightning.results import load_jsonl, paper_table, runs_table, summarize  # noqa: E402
 
 METHODS = ("dense", "magnitude", "powerprop", "acdc", "sapp")
@@ -114,6 +114,47 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if results is None:
         raise RuntimeError(f"{job['key']} was preempted")
     return {**job, **results}
+
+
+def settings(job: dict[str, Any]) -> str:
+    """What a run trains with: its composed config, resolved, without Hydra's own node, numbers compared by value
+    (an override's ``0`` is a recipe's ``0.0``), as sorted JSON."""
+    import json
+
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = compose([*job["overrides"], *job["bench"]], ".")
+    with open_dict(cfg):
+        del cfg["hydra"]  # the ${hydra:...} values elsewhere come from HydraConfig, which compose() set
+
+    def by_value(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: by_value(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [by_value(v) for v in node]
+        return float(node) if isinstance(node, int) and not isinstance(node, bool) else node
+
+    return json.dumps(by_value(OmegaConf.to_container(cfg, resolve=True)), sort_keys=True, default=str)
+
+
+def reuse(jobs: list[dict[str, Any]], sources: list[Path], out: Path) -> int:
+    """Append to ``out``, under each job's key, a finished run of ``sources`` whose overrides compose to exactly
+    the job's config (e.g. ``pruning.logit_l2=0`` in a sweep and a recipe that now sets it to 0): the same code
+    path and settings, so training it again would repeat it. The row keeps ``reused_from``. Returns the count."""
+    done = load_done(out)
+    todo = [job for job in jobs if job["key"] not in done]
+    found = {}
+    for path in sources:
+        for row in load_done(path).values():
+            if "overrides" in row:  # older lines were not made by the app: never the same code path
+                found.setdefault(settings(row), (path, row))
+    count = 0
+    for job in todo:
+        if (match := found.get(settings(job))) is not None:
+            path, row = match
+            append_row(out, {**row, **job, "reused_from": f"{path.name}: {row['key']}"})
+            count += 1
+    return count
 
 
 # --- the grids ---------------------------------------------------------------------------------------
@@ -378,6 +419,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "or per block size (8=100 16=17); default: the recipe's (100)")  # fmt: skip
     p.add_argument("--set", nargs="+", default=[], metavar="OVERRIDE", help="more Hydra overrides; key=a,b sweeps")
     p.add_argument("--ablations", nargs="+", default=[], choices=list(ABLATIONS), help="SA++ variants by name")
+    p.add_argument("--reuse", type=Path, nargs="+", default=[], help="JSON lines files whose runs with exactly a "
+                   "job's composed config stand in for it (recorded as reused_from)")  # fmt: skip
     p.add_argument("--processes", type=int, default=2, help="runs in parallel, one thread each")
     p.add_argument("--out", type=Path, help="JSON lines file (default bench/results/<part>.jsonl)")
     p.add_argument("--table", type=Path, nargs="*", help="only print the tables of these files")
@@ -404,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out = args.out or RESULTS / f"{args.part}.jsonl"
         jobs = grid(args)
+    if args.reuse:
+        print(f"{reuse(jobs, args.reuse, out)} runs reused from {', '.join(map(str, args.reuse))}", flush=True)
     run_pool(jobs, run_job, out, args.processes)
     print_tables([out])
     return 0

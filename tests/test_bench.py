@@ -265,3 +265,17 @@ def test_tables_show_auroc_and_achieved_sparsity_and_read_the_committed_lines():
     cnn = text[text.index("SmallCNN (classification, 2 epochs), pruned net.classifier.1, net.features.4 ") :]
     assert cells(cnn, "90%", "ACDC") == ["87.90 ± 0.35 (90.0%) [67.74]", "87.72 ± 0.40 (90.0%) [68.61]",
                                          "87.10 ± 0.41 (90.0%) [68.96]"]  # fmt: skip
+
+
+def test_a_run_with_exactly_the_same_composed_config_is_reused_not_trained_again(tmp_path):
+    source, out = tmp_path / "sweep.jsonl", tmp_path / "grid.jsonl"
+    text = "--part ctr --methods sapp --seeds 0 --sparsities 0.9 --blocks 10 --set pruning.schedule_exponent=4,2"
+    for job in quality.grid(args(text)):  # 4 is the default: the same config as the plain run
+        append_row(source, dict(job, val={"val/loss": float("exponent=2" in job["key"])}))
+    jobs = quality.grid(args("--part ctr --methods sapp --seeds 0 1 --sparsities 0.9 --blocks 10"))
+    assert quality.reuse(jobs, [source], out) == 1 and quality.reuse(jobs, [source], out) == 0
+    (row,) = load_done(out).values()
+    assert row["key"] == jobs[0]["key"] and row["variant"] == "" and row["val"] == {"val/loss": 0.0}
+    assert row["reused_from"] == "sweep.jsonl: " + jobs[0]["key"].replace(
+        "seed=0", "pruning.schedule_exponent=4 seed=0"
+    )
