@@ -18,7 +18,7 @@ from sapp_lightning.train import build_pruning
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, *args: str, timeout: float = 240) -> str:
+def _run(script: str, *args: str, timeout: float = 600) -> str:
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / script), "--quick", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout,
