@@ -39,7 +39,14 @@ if __package__ in (None, ""):  # run as a script: use this checkout's bench and 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import append_row, load_done, quiet, run_pool  # noqa: E402
-from sapp_lightning.results import load_jsonl, paper_table, runs_table, summarize  # noqa: E402
+from sapp_lightning.results import (  # noqa: E402
+    compare_table,
+    load_jsonl,
+    paper_table,
+    runs_table,
+    score_table,
+    summarize,
+)
 
 METHODS = ("dense", "magnitude", "powerprop", "acdc", "sapp")
 MODELS = ("mlp", "cnn")
@@ -347,29 +354,6 @@ def tables(rows: list[dict[str, Any]]) -> str:
     return "\n\n".join(out)
 
 
-def score_table(rows: list[dict[str, Any]], split: str = "val") -> str:
-    """SA++ with attention scores minus SA++ with magnitude scores (the paper's Fig. 2(a)), top-1 in points, per
-    model, sparsity and block size: mean ± std over the paired seeds, [min, max]; empty without such pairs."""
-    from sapp_lightning.app.plots import score_differences
-
-    lines = []
-    for model, differences in score_differences(rows, split).items():
-        blocks = sorted({d.block for d in differences})
-        cells = {(d.sparsity, d.block): d for d in differences}
-        lines += [f"| {model} | " + " | ".join(f"B={b}" for b in blocks) + " |", "|---" * (1 + len(blocks)) + "|"]
-        for sparsity in sorted({d.sparsity for d in differences}):
-            row = [cells.get((sparsity, b)) for b in blocks]
-            text = [
-                f"{d.mean:+.2f} ± {d.std:.2f} [{min(d.values):+.2f}, {max(d.values):+.2f}] (n={len(d.values)})"
-                if d
-                else "—"
-                for d in row
-            ]
-            lines.append(f"| {sparsity:.0%} | " + " | ".join(text) + " |")
-        lines.append("")
-    return "\n".join(lines).strip()
-
-
 def print_tables(paths: list[Path]) -> None:
     rows = [r for p in paths for r in load_jsonl(p)]
     print(tables(rows) if rows else "(no runs)")
@@ -377,29 +361,6 @@ def print_tables(paths: list[Path]) -> None:
         table = score_table(rows, split)
         if table:
             print(f"\nSA++ with attention minus magnitude scores (Fig. 2(a)), {label} top-1, points\n\n{table}")
-
-
-def compare_table(paths: list[Path], stat: str = "mean") -> str:
-    """The plain runs of several files side by side: one row per (sparsity, method), one column per file (e.g. a
-    grid before and after a change), cells mean ± std over seeds of ``stat`` (as :func:`paper_table`'s)."""
-    prefix = stat.removesuffix("mean")
-    summaries = [summarize(r for r in load_jsonl(path) if not r.get("variant")) for path in paths]
-    cells: dict[tuple, list[str]] = defaultdict(lambda: ["—"] * len(paths))
-    for i, summary in enumerate(summaries):
-        for s in summary:
-            if f"{prefix}mean" in s:
-                digits = 2 if s["metric"] == "val/acc" and "auroc" not in stat else 4
-                key = (0.0 if s["algorithm"] == "dense" else s["sparsity"], s["block_size"], s["algorithm"])
-                text = f"{s[f'{prefix}mean']:.{digits}f} ± {s[f'{prefix}std']:.{digits}f}"
-                cells[(key[0], 0 if s["algorithm"] == "dense" else key[1], key[2])][i] = f"{text} (n={s[f'{prefix}n']})"
-    order = {m: i for i, m in enumerate(METHODS)}
-    lines = [
-        "| sparsity | block | method | " + " | ".join(p.name for p in paths) + " |",
-        "|---" * (3 + len(paths)) + "|",
-    ]
-    for (sparsity, block, method), row in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]])):
-        lines.append(f"| {sparsity:.0%} | {block or '—'} | {method} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
 
 
 # --- command line ------------------------------------------------------------------------------------
@@ -437,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = ("mean", "test_mean", "auroc_mean", "test_auroc_mean")
         labels = ("validation BCE or top-1 %", "test BCE or top-1 %", "validation AUROC", "test AUROC")
         for stat, label in zip(stats, labels):
-            table = compare_table(args.compare, stat)
+            table = compare_table({p.name: load_jsonl(p) for p in args.compare}, stat)
             if "±" in table:
                 print(f"\n{label}, mean ± std over seeds\n\n{table}")
         return 0

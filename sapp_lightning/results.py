@@ -24,7 +24,9 @@ import json
 import math
 import statistics
 import sys
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +271,99 @@ def paper_table(
         rows.append(["0%", method_label(d), *([cell(d) + ref] * len(blocks))])
     header = ["sparsity", "method", *[f"B={b}" for b in blocks]]
     return _format_table(header, rows)
+
+
+# --- SA++'s block score: attention against magnitude (the paper's Fig. 2(a)) ---------------------------------
+SCORE_VARIANTS = {"": "attention", "pruning.score=attention": "attention", "pruning.score=magnitude": "magnitude"}
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Accuracy with attention scores minus accuracy with magnitude scores (points), seed by seed."""
+
+    block: int
+    sparsity: float
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+
+def score_differences(rows: Iterable[dict[str, Any]], split: str = "val") -> dict[str, list[Difference]]:
+    """``{model: [Difference per (block, sparsity)]}`` from SA++ runs (``results.json`` rows, e.g.
+    :func:`sapp_lightning.results.load_jsonl`) that differ only in ``pruning.score``: the plain or
+    ``pruning.score=attention`` runs against the ``pruning.score=magnitude`` runs of the same model, block size,
+    sparsity and seed (only seeds with both are paired).
+
+    Example:
+        >>> rows = [{"algorithm": "sapp", "model": "MLP", "block_size": 16, "sparsity": 0.9, "seed": s,
+        ...          "variant": v, "val": {"val/acc": a}}
+        ...         for s, v, a in [(0, "", 0.82), (0, "pruning.score=magnitude", 0.80), (1, "", 0.83)]]
+        >>> score_differences(rows)["MLP"][0].values  # seed 1 has no magnitude run
+        (2.0,)
+    """
+    arms: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        score = SCORE_VARIANTS.get(r.get("variant") or "")
+        value = r.get(split, {}).get(f"{split}/acc")
+        if r["algorithm"] == "sapp" and score and value is not None:
+            arms[(r["model"], int(r["block_size"]), round(float(r["sparsity"]), 6), r["seed"])][score] = 100 * value
+    paired: dict[tuple[str, int, float], list[float]] = defaultdict(list)
+    for (model, block, sparsity, _), pair in sorted(arms.items(), key=lambda kv: str(kv[0])):
+        if len(pair) == 2:
+            paired[(model, block, sparsity)].append(round(pair["attention"] - pair["magnitude"], 10))
+    out: dict[str, list[Difference]] = defaultdict(list)
+    for (model, block, sparsity), values in sorted(paired.items()):
+        out[model].append(Difference(block, sparsity, tuple(values)))
+    return dict(out)
+
+
+def score_table(rows: list[dict[str, Any]], split: str = "val") -> str:
+    """SA++ with attention scores minus SA++ with magnitude scores (the paper's Fig. 2(a)), top-1 in points, per
+    model, sparsity and block size: mean ± std over the paired seeds, [min, max]; empty without such pairs."""
+    tables = []
+    for model, differences in score_differences(rows, split).items():
+        blocks = sorted({d.block for d in differences})
+        cells = {(d.sparsity, d.block): d for d in differences}
+        body = [
+            [f"{sparsity:.0%}"]
+            + [
+                f"{d.mean:+.2f} ± {d.std:.2f} [{min(d.values):+.2f}, {max(d.values):+.2f}] (n={len(d.values)})"
+                if (d := cells.get((sparsity, b)))
+                else "—"
+                for b in blocks
+            ]
+            for sparsity in sorted({d.sparsity for d in differences})
+        ]
+        tables.append(_format_table([model, *(f"B={b}" for b in blocks)], body))
+    return "\n\n".join(tables)
+
+
+def compare_table(sources: dict[str, list[dict[str, Any]]], stat: str = "mean") -> str:
+    """The plain runs (no variant) of several sources side by side, e.g. one grid before and after a change: one
+    row per (sparsity, block, method), one column per source, cells mean ± std over seeds of ``stat`` (as in
+    :func:`paper_table`)."""
+    prefix = stat.removesuffix("mean")
+    cells: dict[tuple, list[str]] = {}
+    for i, rows in enumerate(sources.values()):
+        for s in summarize(r for r in rows if not r.get("variant")):
+            if f"{prefix}mean" not in s:
+                continue
+            digits = 2 if s["metric"] == "val/acc" and "auroc" not in stat else 4
+            dense = s["algorithm"] == "dense"
+            key = (0.0 if dense else s["sparsity"], 0 if dense else s["block_size"], s["algorithm"])
+            cells.setdefault(key, ["—"] * len(sources))[i] = (
+                f"{s[f'{prefix}mean']:.{digits}f} ± {s[f'{prefix}std']:.{digits}f} (n={s[f'{prefix}n']})"
+            )
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    keys = sorted(cells, key=lambda k: (k[0], k[1], order.get(k[2], 99)))
+    rows = [[f"{k[0]:.0%}", str(k[1] or "—"), METHOD_NAMES.get(k[2], k[2]), *cells[k]] for k in keys]
+    return _format_table(["sparsity", "block", "method", *sources], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import pytest
 
 from bench import quality
 from bench.common import append_row, load_done, run_pool
-from sapp_lightning.results import load_jsonl
+from sapp_lightning.results import compare_table, load_jsonl
 from sapp_lightning.train import build_pruning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,8 +253,9 @@ def test_tables_show_auroc_and_achieved_sparsity_and_read_the_committed_lines():
     assert cells(bce, "0%", "Dense") == ["0.7370 ± 0.0996 [0.4489]"]
     auroc = text[text.index("validation AUROC") : text.index("test AUROC")]
     assert cells(auroc, "99%", "ACDC") == ["0.6731 ± 0.0075 (99.0%)"]
-    both = quality.compare_table([quality.RESULTS / "ctr25.jsonl", quality.RESULTS / "ctr.jsonl"], "auroc_mean")
-    assert cells(both, "90%", "10", "sapp") == ["0.6700 ± 0.0170 (n=3)", "0.6423 ± 0.0054 (n=3)"]  # 25 / 3 epochs
+    both = {name: load_jsonl(quality.RESULTS / name) for name in ("ctr25.jsonl", "ctr.jsonl")}
+    both = compare_table(both, "auroc_mean")  # quality --compare: the two grids side by side, 25 and 3 epochs
+    assert cells(both, "90%", "10", "SA++") == ["0.6700 ± 0.0170 (n=3)", "0.6423 ± 0.0054 (n=3)"]
     text = quality.tables(load_jsonl(quality.RESULTS / "ablations.jsonl"))  # older lines: ablations by name
     variants = text[text.index("CriteoPaperNet (ctr, 3 epochs), variants: validation BCE") :]
     assert cells(variants, "90%", "SA++ c2") == ["0.6775 ± 0.0202"]

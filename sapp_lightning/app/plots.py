@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..paper import CRITEO_DENSE_LOSS, IMAGENET_DENSE_TOP1, paper_value
-from ..results import METHOD_NAMES, METHOD_ORDER, load_jsonl, load_results
+from ..results import METHOD_NAMES, METHOD_ORDER, Difference, load_jsonl, load_results, score_differences
 
 if TYPE_CHECKING:  # matplotlib is an optional extra
     import pytorch_lightning as pl
@@ -715,53 +715,6 @@ def _result_caption(records: Sequence[dict[str, Any]], setting: str | None) -> s
 # --- SA++'s block score: attention against magnitude (the paper's Fig. 2(a)) -------------------------------------
 # Okabe-Ito colours (as METHOD_COLORS), one per sparsity level in ascending order.
 LEVEL_COLORS = ["#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
-SCORE_VARIANTS = {"": "attention", "pruning.score=attention": "attention", "pruning.score=magnitude": "magnitude"}
-
-
-@dataclass(frozen=True)
-class Difference:
-    """Accuracy with attention scores minus accuracy with magnitude scores (points), seed by seed."""
-
-    block: int
-    sparsity: float
-    values: tuple[float, ...]
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.values)
-
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
-
-
-def score_differences(rows: Iterable[dict[str, Any]], split: str = "val") -> dict[str, list[Difference]]:
-    """``{model: [Difference per (block, sparsity)]}`` from SA++ runs (``results.json`` rows, e.g.
-    :func:`sapp_lightning.results.load_jsonl`) that differ only in ``pruning.score``: the plain or
-    ``pruning.score=attention`` runs against the ``pruning.score=magnitude`` runs of the same model, block size,
-    sparsity and seed (only seeds with both are paired).
-
-    Example:
-        >>> rows = [{"algorithm": "sapp", "model": "MLP", "block_size": 16, "sparsity": 0.9, "seed": s,
-        ...          "variant": v, "val": {"val/acc": a}}
-        ...         for s, v, a in [(0, "", 0.82), (0, "pruning.score=magnitude", 0.80), (1, "", 0.83)]]
-        >>> score_differences(rows)["MLP"][0].values  # seed 1 has no magnitude run
-        (2.0,)
-    """
-    arms: dict[tuple, dict[str, float]] = defaultdict(dict)
-    for r in rows:
-        score = SCORE_VARIANTS.get(r.get("variant") or "")
-        value = r.get(split, {}).get(f"{split}/acc")
-        if r["algorithm"] == "sapp" and score and value is not None:
-            arms[(r["model"], int(r["block_size"]), round(float(r["sparsity"]), 6), r["seed"])][score] = 100 * value
-    paired: dict[tuple[str, int, float], list[float]] = defaultdict(list)
-    for (model, block, sparsity, _), pair in sorted(arms.items(), key=lambda kv: str(kv[0])):
-        if len(pair) == 2:
-            paired[(model, block, sparsity)].append(round(pair["attention"] - pair["magnitude"], 10))
-    out: dict[str, list[Difference]] = defaultdict(list)
-    for (model, block, sparsity), values in sorted(paired.items()):
-        out[model].append(Difference(block, sparsity, tuple(values)))
-    return dict(out)
 
 
 def score_difference_figure(differences: dict[str, list[Difference]], title: str | None = None) -> Figure:
