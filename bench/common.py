@@ -1,7 +1,8 @@
-"""Shared pieces of the benchmarks: in-process training runs, a resumable JSON-lines store, timing helpers.
+"""Shared pieces of the benchmarks: quiet in-process training, a resumable JSON-lines store, timing helpers.
 
-Every run trains with the public API (``BlockPruning``, the data modules, the models and LightningModules of
-``sapp_lightning.models``) in the current process, on one thread, with Lightning's extras turned off.
+The cost benchmarks train with the public API (``BlockPruning``, the data modules, the models and LightningModules
+of ``sapp_lightning.models``) in the current process, on one thread, with Lightning's extras turned off; the
+quality benchmark trains through the app (``bench/quality.py``).
 """
 
 from __future__ import annotations
@@ -52,18 +53,6 @@ def trainer_kwargs() -> dict[str, Any]:
         limit_val_batches=0,  # validation runs once, after fit, on the committed model
         deterministic=False,
     )
-
-
-def movielens() -> Any:
-    """The MovieLens-100k CTR data module, set up once per process."""
-    if "movielens" not in _DATA_CACHE:
-        from sapp_lightning.data import MovieLensCTRDataModule
-
-        dm = MovieLensCTRDataModule(batch_size=1024)
-        dm.prepare_data()
-        dm.setup("fit")
-        _DATA_CACHE["movielens"] = dm
-    return _DATA_CACHE["movielens"]
 
 
 def fashion_mnist(batch_size: int = 256) -> Any:
@@ -156,9 +145,12 @@ def run_pool(
 
 
 def format_metrics(row: dict[str, Any]) -> str:
-    keys = ("val_loss", "val_acc", "test_loss", "test_acc", "achieved_sparsity", "seconds")
+    """A finished run's metrics on one line (``results.json``'s nested ``val`` / ``test`` flattened)."""
+    flat = {**row, **row.get("val", {}), **row.get("test", {})}
+    keys = ("val/loss", "val/acc", "val/auroc", "test/loss", "test/acc", "achieved_block_sparsity", "fit_seconds")
+    keys += ("val_loss", "val_acc", "test_loss", "test_acc", "achieved_sparsity", "seconds")  # older lines
     return " ".join(
-        f"{k}={row[k]:.4f}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}" for k in keys if k in row
+        f"{k}={flat[k]:.4f}" if isinstance(flat.get(k), float) else f"{k}={flat.get(k)}" for k in keys if k in flat
     )
 
 

@@ -1,342 +1,290 @@
-"""Pruning quality on real data, in the shape of the paper's Tables 1 and 2, plus SA++'s ablations.
+"""Pruning quality on real data through the app: every run is ``sapp-train``'s, composed by Hydra from ``conf/``
+and ``recipes/`` plus overrides and trained by :func:`sapp_lightning.train.run` in this process (one thread), so
+a recipe, a config change or a fix reaches the benchmark and the app alike.
 
-One command per part; every finished run is one JSON line in ``--out`` and runs already there are skipped,
-so an interrupted or extended sweep continues where it stopped::
+A grid is a list of override lists; each finished run is one JSON line (``results.json`` plus the run's ``key``
+and overrides) in ``--out``, and runs already there are skipped, so an interrupted or extended sweep continues
+where it stopped::
 
-    python bench/quality.py --part ctr --epochs 3 --seeds 0 1 2 --blocks 10          # Table 2 shape
-    python bench/quality.py --part images --model mlp --epochs 2 --seeds 0 1 2      # Table 1 shape
-    python bench/quality.py --part ablations --epochs 3 --seeds 0 1 2               # no sparsification, c=2/4/8
-    python bench/quality.py --part ablations --ablations-on images --models cnn --ablations logit_lr_x10
-    python bench/quality.py --quick                                                 # < 2 minutes: a smoke run
-    python bench/quality.py --table bench/results/ctr.jsonl                         # print the tables
+    python bench/quality.py --part ctr --seeds 0 1 2 --blocks 10                 # Table 2's shape, 25 epochs
+    python bench/quality.py --part images --models mlp cnn --epochs 2            # Table 1's shape
+    python bench/quality.py --part ctr --methods sapp --set pruning.logit_l2=0,1e-4 --sparsities 0.9
+    python bench/quality.py --part images --models cnn --methods sapp acdc --ablations zero_mode --blocks 16 \\
+        --min-blocks 17
+    python bench/quality.py --quick                                              # a few minutes: a smoke run
+    python bench/quality.py --table bench/results/ctr25.jsonl                   # print the tables
 
-CTR: the paper's Criteo architecture (CriteoPaperNet: 10-dim embeddings, 3 x 400) on MovieLens-100k as CTR,
-only ``net.mlp.0`` pruned, CTRModule (Adam 2e-2 -> 3e-4), the Criteo phase plan, masking, batch 1024.
-Images: Fashion-MNIST, the 784-512-512-10 MLP or SmallCNN (conv layers pruned through the paper's
-``(kh*kw*cin) x cout`` layout), ImageClassifier (SGD 0.05, momentum 0.9, cosine), the ImageNet phase plan.
-Validation numbers are for choices, test numbers are reported beside them.
+``--part ctr`` is ``recipe=movielens_ctr`` (the paper's Criteo model on MovieLens-100k, the Criteo plan,
+masking), ``--part images`` is ``recipe=fashion_mnist_demo model=mlp|cnn`` (SGD, the ImageNet plan). A run of
+method ``sapp`` at 90% and B = 10 with seed 1 is ``recipe=movielens_ctr pruning=sapp pruning.sparsity=0.9
+pruning.block_size=10 seed=1 trainer.max_epochs=25`` plus :data:`BENCH` (no logger, checkpoints or heatmaps,
+validation once at the end); the dense baseline is ``pruning=dense``. ``--set`` adds any override (a comma list
+sweeps, as in Hydra's multirun; ``pruning.*`` overrides skip the dense runs) and ``--ablations`` adds SA++
+variants by name (:data:`ABLATIONS`). Validation numbers are for choices, test numbers are reported beside them.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
+import contextlib
+import io
+import itertools
 import sys
-import time
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
-import torch
-import torch.nn.functional as F
+if __package__ in (None, ""):  # run as a script: use this checkout's bench and sapp_lightning, not an installed copy
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import fashion_mnist, load_done, movielens, quiet, run_pool, trainer_kwargs  # noqa: E402
+from bench.common import append_row, load_done, quiet, run_pool  # noqa: E402
+from sapp_lightning.results import (  # noqa: E402
+    compare_table,
+    load_jsonl,
+    paper_table,
+    runs_table,
+    score_table,
+    summarize,
+)
 
-METHODS = ("magnitude", "powerprop", "acdc", "sapp")
-MODELS = ("mlp", "cnn", "cnn_nobn")  # cnn_nobn: SmallCNN without BatchNorm
-CTR_INCLUDE = [r"^net\.mlp\.0$"]
-IMAGE_LR = 0.05
+METHODS = ("dense", "magnitude", "powerprop", "acdc", "sapp")
+MODELS = ("mlp", "cnn")
 RESULTS = Path(__file__).resolve().parent / "results"  # committed: the raw runs behind docs/results.md
+# Each part: its recipe, the length of the committed grids, the default grid, and its ACDC plan (for no_sparsify).
+PARTS: dict[str, dict[str, Any]] = {
+    "ctr": dict(recipe="movielens_ctr", epochs=25, blocks=[10, 20, 5], sparsities=[0.9, 0.95, 0.97, 0.98, 0.99],
+                acdc_plan="criteo_acdc"),
+    "images": dict(recipe="fashion_mnist_demo", epochs=2, blocks=[16, 8, 32], sparsities=[0.7, 0.8, 0.9, 0.95],
+                   acdc_plan="imagenet_acdc"),
+}  # fmt: skip
+# Benchmark speed, not results: no logger, checkpoints or heatmaps, one validation after the last epoch (the model
+# the run ends with), no sanity check or model summary, one CPU. Stored with each run; a run made with other
+# settings is not skipped but refused (bench.common.run_pool).
+BENCH = [
+    "logger=none",
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "trainer.enable_progress_bar=false",
+    "++trainer.check_val_every_n_epoch=${trainer.max_epochs}",
+    "++trainer.num_sanity_val_steps=0",
+    "++trainer.enable_model_summary=false",
+    "~callbacks.mask_heatmaps",
+    "~callbacks.checkpoint",
+]
+# SA++ variants as overrides ("{acdc_plan}": the part's ACDC plan). Module options (model.module.*) exist for the
+# image models only.
+ABLATIONS: dict[str, list[str]] = {
+    "no_sparsify": ["pruning.plan={acdc_plan}"],  # SA++'s scores on ACDC's dense/sparse plan (App. D.1)
+    "c2": ["pruning.schedule_exponent=2"],
+    "c8": ["pruning.schedule_exponent=8"],
+    "no_clip": ["pruning.attention_clipping=false"],
+    "wide_clip": ["pruning.clip_bounds=[0.01,100]"],
+    "no_reset": ["pruning.reset_optimizer=false"],
+    "logit_l2_1e-4": ["pruning.logit_l2=1e-4"],
+    "zero_mode": ["pruning.prune_mode=zero"],  # pruned blocks are zeroed and regrow from 0, as ACDC's
+    "softmax_kept": ["pruning.softmax_over=kept"],
+    "softmax_global": ["pruning.softmax_scope=global"],
+    "score_magnitude": ["pruning.score=magnitude"],  # Fig. 2(a): SA++'s schedule, blocks ranked by norm
+    "regrowth": ["pruning.sparsify_regrowth=true"],
+    "logit_init_1e-2": ["pruning.logit_init_std=1e-2"],
+    "logit_lr_x10": ["model.module.logit_lr_scale=10"],
+    "logit_lr_x100": ["model.module.logit_lr_scale=100"],
+}
 
 
 # --- one run -----------------------------------------------------------------------------------------
-def split_options(job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A job's options for ``BlockPruning`` and those for the LightningModule (``MODULE_OPTIONS``)."""
-    options = job.get("options") or {}
-    return (
-        {k: v for k, v in options.items() if k not in MODULE_OPTIONS},
-        {k: v for k, v in options.items() if k in MODULE_OPTIONS},
-    )
+def compose(overrides: list[str], output_dir: str | Path) -> Any:
+    """The app's config for ``overrides``, as ``sapp-train`` would compose it (with Hydra's own keys resolved)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
 
+    from sapp_lightning.app.configs import CONFIG_DIR  # importing it registers recipes/ as the recipe group
 
-def make_pruning(job: dict[str, Any]):
-    """The BlockPruning of a job, or ``None`` for the dense model."""
-    from sapp_lightning import BlockPruning
-
-    if job["method"] == "dense":
-        return None
-    options, _ = split_options(job)
-    if job["part"] == "ctr":
-        return BlockPruning(
-            job["method"], job["sparsity"], job["block"], min_blocks=0, include=CTR_INCLUDE,
-            plan=options.pop("plan", "criteo"), prune_mode=options.pop("prune_mode", "mask"), **options,
-        )  # fmt: skip
-    return BlockPruning(
-        job["method"], job["sparsity"], job["block"], min_blocks=job["min_blocks"],
-        plan=options.pop("plan", "imagenet"), **options,
-    )  # fmt: skip
-
-
-def build_module(job: dict[str, Any]):
-    """The LightningModule and data module of a job (the data is loaded once per process)."""
-    from sapp_lightning.models import MLP, CriteoPaperNet, CTRModule, ImageClassifier, SmallCNN
-
-    _, module_options = split_options(job)
-    if job["part"] == "ctr":
-        if module_options:
-            raise ValueError(f"the CTR module takes none of {sorted(module_options)}; run these ablations on images")
-        dm = movielens()
-        return CTRModule(CriteoPaperNet(num_dense=dm.num_dense, cardinalities=list(dm.cardinalities))), dm
-    dm = fashion_mnist()
-    if job["model"] == "mlp":
-        net = MLP(dm.input_shape, dm.num_classes)
-    else:  # "cnn", or "cnn_nobn": the same without BatchNorm
-        net = SmallCNN(dm.input_shape, dm.num_classes, batch_norm=job["model"] == "cnn")
-    return ImageClassifier(net, dm.num_classes, lr=IMAGE_LR, **module_options), dm
-
-
-@torch.no_grad()
-def evaluate(module, dm, split: str, part: str) -> dict[str, float]:
-    """Mean BCE and AUROC (CTR) or accuracy and cross-entropy (images) on a whole split, in eval mode."""
-    module.eval()
-    losses, correct, count = [], 0, 0
-    logits_all, labels_all = [], []
-    for batch in dm._loader(split, shuffle=False):
-        if part == "ctr":
-            dense, cats, label = batch
-            logits = module(dense, cats)
-            losses.append(F.binary_cross_entropy_with_logits(logits, label, reduction="sum").item())
-            logits_all.append(logits)
-            labels_all.append(label)
-        else:
-            x, y = batch
-            logits = module(x)
-            losses.append(F.cross_entropy(logits, y, reduction="sum").item())
-            correct += int((logits.argmax(1) == y).sum())
-        count += len(batch[-1])
-    out = {f"{split}_loss": math.fsum(losses) / count}
-    if part == "ctr":
-        from torchmetrics.functional.classification import binary_auroc
-
-        out[f"{split}_auroc"] = float(binary_auroc(torch.cat(logits_all), torch.cat(labels_all).long()))
-    else:
-        out[f"{split}_acc"] = 100.0 * correct / count
-    return out
-
-
-def weight_sparsity_all(module) -> float:
-    """Zero weights over all Linear and Conv2d weights of the network (the paper's "real sparsity")."""
-    zero = total = 0
-    for m in module.modules():
-        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d):
-            zero += int((m.weight == 0).sum())
-            total += m.weight.numel()
-    return zero / total
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[*overrides, f"output_dir={output_dir}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Train one configuration in this process (one thread) and return its row."""
+    """Train one run with ``sapp_lightning.train.run`` (one thread) and return its row: the job and results.json."""
+    import torch
+
+    from sapp_lightning.train import run
+
     quiet()
     torch.set_num_threads(1)
-    pl.seed_everything(job["seed"], verbose=False)
-    module, dm = build_module(job)
-    pruning = make_pruning(job)
-    attention: dict[str, list[float]] = {}
-    callbacks = [pruning, AttentionRange(pruning, attention)] if pruning else []
-    kwargs = trainer_kwargs() | {"limit_train_batches": job.get("limit_train_batches") or 1.0}
-    trainer = pl.Trainer(max_epochs=job["epochs"], callbacks=callbacks, **kwargs)
-    start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=dm.train_dataloader())
-    seconds = time.perf_counter() - start
-    row = dict(job, seconds=seconds, steps=trainer.global_step)
-    row |= evaluate(module, dm, "val", job["part"]) | evaluate(module, dm, "test", job["part"])
-    row["real_sparsity"] = weight_sparsity_all(module.net)
-    if pruning is not None:
-        report = pruning.report()
-        row["achieved_sparsity"] = report.block_sparsity
-        row["pruned_layers"] = {layer.name: [layer.zero_blocks, layer.num_blocks] for layer in report.layers}
-    if attention:
-        row["attention_range"] = attention
-    return row
+    with tempfile.TemporaryDirectory(prefix="sapp-bench-") as tmp, contextlib.redirect_stdout(io.StringIO()):
+        results = run(compose([*job["overrides"], *job["bench"]], tmp))  # model.pt etc. are not kept
+    if results is None:
+        raise RuntimeError(f"{job['key']} was preempted")
+    return {**job, **results}
 
 
-class AttentionRange(pl.Callback):
-    """SA++ diagnostic: per pruned layer, the smallest and largest attention ``A = N softmax(L)`` over the kept
-    blocks when training ends (before the commit folds it into the weights). A range close to ``[1, 1]`` means
-    the logits barely moved, so the ranking rests on small differences."""
+def settings(job: dict[str, Any]) -> str:
+    """What a run trains with: its composed config, resolved, without Hydra's own node, numbers compared by value
+    (an override's ``0`` is a recipe's ``0.0``), as sorted JSON."""
+    import json
 
-    def __init__(self, pruning, out: dict[str, list[float]]) -> None:
-        self.pruning, self.out = pruning, out
+    from omegaconf import OmegaConf, open_dict
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        for layer in self.pruning.sparsifier.layer_states():
-            if layer.importance_name == "attention":
-                kept = layer.importance[layer.mask]
-                self.out[layer.name] = [round(float(kept.min()), 4), round(float(kept.max()), 4)]
+    cfg = compose([*job["overrides"], *job["bench"]], ".")
+    with open_dict(cfg):
+        del cfg["hydra"]  # the ${hydra:...} values elsewhere come from HydraConfig, which compose() set
+
+    def by_value(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: by_value(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [by_value(v) for v in node]
+        return float(node) if isinstance(node, int) and not isinstance(node, bool) else node
+
+    return json.dumps(by_value(OmegaConf.to_container(cfg, resolve=True)), sort_keys=True, default=str)
+
+
+def reuse(jobs: list[dict[str, Any]], sources: list[Path], out: Path) -> int:
+    """Append to ``out``, under each job's key, a finished run of ``sources`` whose overrides compose to exactly
+    the job's config (e.g. ``pruning.logit_l2=0`` in a sweep and a recipe that now sets it to 0): the same code
+    path and settings, so training it again would repeat it. The row keeps ``reused_from``. Returns the count."""
+    done = load_done(out)
+    todo = [job for job in jobs if job["key"] not in done]
+    found = {}
+    for path in sources:
+        for row in load_done(path).values():
+            if "overrides" in row:  # older lines were not made by the app: never the same code path
+                found.setdefault(settings(row), (path, row))
+    count = 0
+    for job in todo:
+        if (match := found.get(settings(job))) is not None:
+            path, row = match
+            append_row(out, {**row, **job, "reused_from": f"{path.name}: {row['key']}"})
+            count += 1
+    return count
 
 
 # --- the grids ---------------------------------------------------------------------------------------
-def job_key(job: dict[str, Any]) -> str:
-    opts = ",".join(f"{k}={v}" for k, v in sorted((job.get("options") or {}).items()))
-    model = job.get("model", "ctr")
-    limit = f"/limit{job['limit_train_batches']}" if job.get("limit_train_batches") else ""
-    min_blocks = f"/mb{job['min_blocks']}" if job.get("min_blocks") else ""  # which layers are pruned
-    return (
-        f"{job['part']}/{model}/{job['method']}/s{job['sparsity']}/b{job['block']}{min_blocks}/seed{job['seed']}"
-        f"/e{job['epochs']}{limit}" + (f"/{opts}" if opts else "")
+def make_job(part: str, overrides: list[str], variant: list[str]) -> dict[str, Any]:
+    """A run: its key (the overrides, which say everything that changes results), the benchmark's speed settings,
+    and ``variant``, the overrides beyond the method / sparsity / block / seed / length of the grid."""
+    return {"key": " ".join(overrides), "part": part, "overrides": overrides, "bench": list(BENCH),
+            "variant": " ".join(variant)}  # fmt: skip
+
+
+def sweep(overrides: list[str]) -> list[list[str]]:
+    """Every combination of Hydra overrides, where ``key=a,b`` sweeps (Hydra's multirun grammar).
+
+    Example:
+        >>> sweep(["pruning.logit_l2=0,1e-4", "pruning.score=magnitude"])
+        [['pruning.logit_l2=0', 'pruning.score=magnitude'], ['pruning.logit_l2=0.0001', 'pruning.score=magnitude']]
+        >>> sweep([])
+        [[]]
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    choices = []
+    for text in overrides:
+        parsed = parser.parse_override(text)
+        if parsed.is_sweep_override():
+            choices.append([f"{parsed.get_key_element()}={v}" for v in parsed.sweep_string_iterator()])
+        else:
+            choices.append([text])
+    return [list(combo) for combo in itertools.product(*choices)]
+
+
+def ablation_overrides(name: str, part: str) -> list[str]:
+    """The overrides of ablation ``name`` on ``part``; without sparsification SA++ follows the part's ACDC plan.
+
+    Example:
+        >>> ablation_overrides("no_sparsify", "images")
+        ['pruning.plan=imagenet_acdc']
+    """
+    return [o.format(acdc_plan=PARTS[part]["acdc_plan"]) for o in ABLATIONS[name]]
+
+
+def min_blocks_for(spec: list[str] | None, block: int) -> list[str]:
+    """``--min-blocks 100`` for every block size or ``--min-blocks 8=100 16=17 32=16`` per block size."""
+    for item in spec or []:
+        size, _, value = item.rpartition("=")
+        if not size or int(size) == block:
+            return [f"pruning.min_blocks={int(value)}"]
+    return []
+
+
+def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Dense once per seed (and model), then every block x seed x sparsity x method x variant, as overrides.
+
+    The variants of a pruned run are the combinations of ``--set`` (``pruning.*`` overrides only for pruned runs)
+    and, for SA++, each of ``--ablations``; without ``--set`` sweeps a method's plain run comes first.
+    """
+    part = PARTS[args.part]
+    epochs = args.epochs or part["epochs"]
+    tail = [f"trainer.max_epochs={epochs}"] + (
+        [f"++trainer.limit_train_batches={args.limit_train_batches}"] if args.limit_train_batches else []
     )
-
-
-def make_job(part: str, method: str, sparsity: float, block: int, seed: int, epochs: int, **extra) -> dict[str, Any]:
-    job = dict(part=part, method=method, sparsity=sparsity, block=block, seed=seed, epochs=epochs, **extra)
-    job["key"] = job_key(job)
-    return job
-
-
-def ctr_jobs(args) -> list[dict[str, Any]]:
-    """Dense once per seed, then every method x sparsity x block x seed (blocks in the order given)."""
-    jobs = [make_job("ctr", "dense", 0.0, 0, s, args.epochs) for s in args.seeds]
-    for block in args.blocks or [10, 20, 5]:
-        for seed in args.seeds:
-            for sparsity in args.sparsities or [0.9, 0.95, 0.97, 0.98, 0.99]:
-                for method in args.methods:
-                    jobs.append(make_job("ctr", method, sparsity, block, seed, args.epochs))
-    return jobs
-
-
-def image_jobs(args) -> list[dict[str, Any]]:
+    shared = [o for o in args.set if not o.startswith("pruning.")]  # these change the dense model too
+    models = args.models if args.part == "images" else [None]
     jobs = []
-    for model in args.models:
-        jobs += [make_job("images", "dense", 0.0, 0, s, args.epochs, model=model, min_blocks=0) for s in args.seeds]
-        for block in args.blocks or [16, 8, 32]:
-            for seed in args.seeds:
-                for sparsity in args.sparsities or [0.7, 0.8, 0.9, 0.95]:
-                    for method in args.methods:
-                        jobs.append(
-                            make_job("images", method, sparsity, block, seed, args.epochs, model=model,
-                                     min_blocks=args.min_blocks)
-                        )  # fmt: skip
-    return jobs
-
-
-ABLATIONS = {
-    "no_sparsify": {"plan": "criteo_acdc"},  # SA++ scores with ACDC's dense/sparse plan (App. D.1)
-    "c2": {"schedule_exponent": 2.0},
-    "c8": {"schedule_exponent": 8.0},
-    "no_clip": {"attention_clipping": False},
-    "no_reset": {"reset_optimizer": False},
-    "logit_l2_1e-4": {"logit_l2": 1e-4},
-    "zero_mode": {"prune_mode": "zero"},  # pruned blocks are zeroed and regrow from 0, as ACDC's
-    "logit_lr_x10": {"logit_lr_scale": 10.0},  # images only: ImageClassifier's logits at 10x the LR
-    "logit_lr_x100": {"logit_lr_scale": 100.0},
-}
-MODULE_OPTIONS = ("logit_lr_scale",)  # options of the LightningModule, not of BlockPruning
-
-
-def ablation_options(name: str, part: str) -> dict[str, Any]:
-    """The options of ablation ``name`` on ``part``: without sparsification, SA++ follows the ACDC plan of the
-    part's own setup (``imagenet_acdc`` for images)."""
-    options = dict(ABLATIONS[name])
-    if part == "images" and options.get("plan") == "criteo_acdc":
-        options["plan"] = "imagenet_acdc"
-    return options
-
-
-def ablation_jobs(args) -> list[dict[str, Any]]:
-    """SA++ variants on CTR, or with ``--ablations-on images`` on each of ``--models``."""
-    images = args.ablations_on == "images"
-    part = "images" if images else "ctr"
-    extra = [dict(model=m, min_blocks=args.min_blocks) for m in args.models] if images else [{}]
-    jobs = []
-    for name in args.ablations:
-        for fields in extra:
-            for block in args.blocks or [16 if images else 10]:
+    for model in models:
+        base = [f"recipe={part['recipe']}"] + ([f"model={model}"] if model else [])
+        if "dense" in args.methods:
+            for variant in sweep(shared):
                 for seed in args.seeds:
-                    for sparsity in args.sparsities or ([0.9, 0.95] if images else [0.9, 0.98]):
-                        options = ablation_options(name, part)
-                        jobs.append(
-                            make_job(part, "sapp", sparsity, block, seed, args.epochs, options=options, **fields)
-                        )
+                    jobs.append(make_job(args.part, [*base, "pruning=dense", *variant, f"seed={seed}", *tail], variant))
+        for block in args.blocks or part["blocks"]:
+            for seed in args.seeds:
+                for sparsity in args.sparsities or part["sparsities"]:
+                    cell = [f"pruning.sparsity={sparsity}", f"pruning.block_size={block}"]
+                    cell += min_blocks_for(args.min_blocks, block)
+                    for method in (m for m in METHODS if m in args.methods and m != "dense"):
+                        variants = sweep(args.set)
+                        if method == "sapp":
+                            variants += [v + ablation_overrides(a, args.part) for a in args.ablations for v in variants]
+                        for variant in variants:
+                            overrides = [*base, f"pruning={method}", *cell, *variant, f"seed={seed}", *tail]
+                            jobs.append(make_job(args.part, overrides, variant))
+    return jobs
+
+
+def quick_jobs() -> list[dict[str, Any]]:
+    """Short runs (2 epochs of 10 batches) through every path: CTR dense, SA++, ACDC and SA++ without its
+    sparsification phases, the MLP with SA++ and the CNN with ACDC. Too short to compare methods."""
+    short = "--epochs 2 --limit-train-batches 10 --seeds 0 --sparsities 0.9"
+    jobs = grid(parse_args(f"--part ctr --blocks 10 --methods dense sapp acdc --ablations no_sparsify {short}".split()))
+    jobs += grid(parse_args(f"--part images --models mlp --blocks 16 --methods sapp {short}".split()))
+    jobs += grid(parse_args(f"--part images --models cnn --blocks 8 --methods acdc {short}".split()))
     return jobs
 
 
 # --- tables ------------------------------------------------------------------------------------------
-def mean_std(values: list[float], digits: int) -> str:
-    if not values:
-        return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f} (n={len(values)})"
+def variant_name(variant: str, part: str) -> str:
+    """An ablation's name for a run's extra overrides, where one matches (values compared as YAML, so that
+    ``pruning.schedule_exponent=2.0`` of an older line is ``c2``); else the overrides themselves.
 
+    Example:
+        >>> variant_name("pruning.schedule_exponent=2.0", "ctr"), variant_name("pruning.logit_l2=0.0001", "ctr")
+        ('c2', 'logit_l2_1e-4')
+        >>> variant_name("pruning.logit_l2=0", "ctr")
+        'pruning.logit_l2=0'
+    """
+    import yaml
 
-def paper_shaped_table(
-    rows: list[dict[str, Any]], metric: str, digits: int, model: str | None = None, with_paper: bool = True
-) -> str:
-    """Rows: sparsity x method; columns: block sizes; cells: mean ± std over seeds and the achieved sparsity.
-    The paper's value of the cell beside each (``-`` where it has none, or with ``with_paper=False``)."""
-    from sapp_lightning.paper import paper_value
+    def value(text: str) -> Any:
+        try:
+            return float(text)  # YAML 1.1 reads 1e-4 as a string
+        except ValueError:
+            return yaml.safe_load(text)
 
-    rows = [r for r in rows if not r.get("options") and (model is None or r.get("model", "ctr") == model)]
-    blocks = sorted({r["block"] for r in rows if r["method"] != "dense"})
-    cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        cells[(r["sparsity"], r["method"], r["block"])].append(r)
-    dense = [r[metric] for r in rows if r["method"] == "dense"]
-    table = "imagenet" if rows and rows[0]["part"] == "images" else "criteo"
-    head = "| sparsity | method | " + " | ".join(f"B={b}: {metric} (achieved sparsity) | paper" for b in blocks) + " |"
-    lines = [head, "|" + "---|" * (2 + 2 * len(blocks))]
-    lines.append(f"| 0 | dense | {mean_std(dense, digits)} |" + " |" * (2 * len(blocks) - 1))
-    for sparsity in sorted({r["sparsity"] for r in rows if r["method"] != "dense"}):
-        for method in METHODS:
-            parts = []
-            for b in blocks:
-                runs = cells.get((sparsity, method, b), [])
-                achieved = [r["achieved_sparsity"] for r in runs]
-                ach = f" ({statistics.mean(achieved):.1%})" if achieved else ""
-                paper = paper_value(table, method, b, sparsity) if with_paper else None
-                parts += [mean_std([r[metric] for r in runs], digits) + ach, "-" if paper is None else f"{paper}"]
-            if any(p != "-" for p in parts[::2]):
-                lines.append(f"| {sparsity:.0%} | {method} | " + " | ".join(parts) + " |")
-    return "\n".join(lines)
+    def parsed(overrides: list[str]) -> dict[str, Any]:
+        return {k: value(v) for k, _, v in (o.partition("=") for o in overrides)}
 
-
-def ablation_table(rows: list[dict[str, Any]], metric: str, digits: int) -> str:
-    """SA++ variants against the default SA++ and ACDC of the same cells (rows of one part and model)."""
-    variants: dict[tuple, list[float]] = defaultdict(list)
-    for r in rows:
-        if r["method"] not in ("sapp", "acdc"):
-            continue
-        name = (
-            r["method"]
-            if not r.get("options")
-            else next((n for n in ABLATIONS if ablation_options(n, r["part"]) == r["options"]), str(r["options"]))
-        )
-        variants[(r["sparsity"], r["block"], name)].append(r[metric])
-    names = ["sapp", *ABLATIONS, "acdc"]
-    present = [n for n in names if any(k[2] == n for k in variants)]
-    keys = sorted({(k[0], k[1]) for k in variants if k[2] != "sapp" and k[2] != "acdc"})
-    lines = ["| sparsity | block | " + " | ".join(present) + " |", "|" + "---|" * (2 + len(present))]
-    for sparsity, block in keys:
-        vals = [mean_std(variants.get((sparsity, block, n), []), digits) for n in present]
-        lines.append(f"| {sparsity:.0%} | {block} | " + " | ".join(vals) + " |")
-    return "\n".join(lines)
-
-
-def print_tables(paths: list[Path]) -> None:
-    rows = [r for p in paths for r in load_done(p).values()]
-    ctr = [r for r in rows if r["part"] == "ctr"]
-    if ctr:
-        print("\nCTR (MovieLens-100k), validation BCE, lower is better\n" + paper_shaped_table(ctr, "val_loss", 4))
-        print("\nCTR test BCE\n" + paper_shaped_table(ctr, "test_loss", 4))
-        # the paper reports no AUROC; BCE punishes overconfident (overfit) predictions, AUROC only the ranking
-        print("\nCTR validation AUROC, higher is better\n" + paper_shaped_table(ctr, "val_auroc", 4, with_paper=False))
-        if any(r.get("options") for r in ctr):
-            print("\nSA++ ablations, validation BCE\n" + ablation_table(ctr, "val_loss", 4))
-            print("\nSA++ ablations, validation AUROC\n" + ablation_table(ctr, "val_auroc", 4))
-    for model in MODELS:
-        img = [r for r in rows if r["part"] == "images" and r.get("model") == model]
-        dense = [r for r in img if r["method"] == "dense"]
-        for layers, pruned in sorted(group_by_pruned_layers(img).items()):
-            rules = ", ".join(
-                f"B={b}: min_blocks={m}" for b, m in sorted({(r["block"], r["min_blocks"]) for r in pruned})
-            )
-            name = f"Fashion-MNIST {model}, pruned {', '.join(layers)} ({rules})"
-            for metric, split in (("val_acc", "validation"), ("test_acc", "test")):
-                print(f"\n{name}, {split} top-1 %\n" + paper_shaped_table(dense + pruned, metric, 2, model))
-            if any(r.get("options") for r in pruned):
-                print(f"\nSA++ ablations, {name}, validation top-1 %\n" + ablation_table(pruned, "val_acc", 2))
+    mine = parsed(variant.split())
+    for name in ABLATIONS:
+        if mine and parsed(ablation_overrides(name, part)) == mine:
+            return name
+    return variant
 
 
 def group_by_pruned_layers(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
@@ -344,40 +292,101 @@ def group_by_pruned_layers(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], 
     (``min_blocks`` selects different layers at different block sizes)."""
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if r["method"] != "dense":
+        if r["algorithm"] != "dense":
             groups[tuple(sorted(r.get("pruned_layers") or ()))].append(r)
     return groups
+
+
+def override_value(row: dict[str, Any], key: str) -> str | None:
+    """The value a run's overrides gave ``key`` (``None`` where they leave it to the config).
+
+    Example:
+        >>> override_value({"overrides": ["recipe=movielens_ctr", "pruning.min_blocks=17"]}, "pruning.min_blocks")
+        '17'
+    """
+    found = [v for k, _, v in (o.partition("=") for o in row.get("overrides") or ()) if k.lstrip("+~") == key]
+    return found[-1] if found else None
+
+
+def tables(rows: list[dict[str, Any]]) -> str:
+    """The tables of a set of runs: per (task, model, length), and for images per set of pruned layers, the paper's
+    layout of the plain runs (validation and test metric, AUROC for CTR, achieved sparsity beside each) and, where
+    there are variants, a table of them beside the plain SA++ and ACDC runs of the same cells."""
+    out = []
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        part = "ctr" if r["task"] == "ctr" else "images"
+        # older lines (no overrides) by their ablation's name, as docs/results.md shows them; new ones by overrides
+        named = dict(r, variant=variant_name(r["variant"], part)) if r.get("variant") and not r.get("overrides") else r
+        groups[(r["task"], r["model"], r.get("epochs"))].append(named)
+    for (task, model, epochs), runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        dense = [r for r in runs if r["algorithm"] == "dense" and not r.get("variant")]
+        title = f"{model} ({task}{f', {epochs} epochs' if epochs else ''})"
+        if task == "ctr":
+            sets = {(): [r for r in runs if r["algorithm"] != "dense"]}
+            stats = [("mean", "validation BCE", "criteo"), ("test_mean", "test BCE", "criteo")]
+            stats += [("auroc_mean", "validation AUROC", None), ("test_auroc_mean", "test AUROC", None)]
+        else:
+            sets = group_by_pruned_layers(runs)
+            stats = [("mean", "validation top-1 %", "imagenet"), ("test_mean", "test top-1 %", "imagenet")]
+        for layers, pruned in sorted(sets.items()):
+            name = title + (f", pruned {', '.join(layers)}" if layers else "")
+            rules = {(r["block_size"], r.get("min_blocks") or override_value(r, "pruning.min_blocks")) for r in pruned}
+            if task != "ctr" and any(m for _, m in rules):
+                name += " (min_blocks " + ", ".join(f"B={b}: {m or 100}" for b, m in sorted(rules)) + ")"
+            plain = [r for r in pruned if not r.get("variant")]
+            if plain:
+                summary = summarize(dense + plain)
+                for stat, label, paper in stats:
+                    table = paper_table(summary, paper, stat=stat, achieved=True)
+                    note = f", [the paper's {paper} number]" if paper else ""
+                    out.append(f"{name}: {label}, mean ± std over seeds (achieved block sparsity){note}\n\n{table}")
+            variants = [r for r in pruned if r.get("variant")]
+            if variants:
+                cells = {(r["sparsity"], r["block_size"]) for r in variants}
+                refs = [r for r in plain if r["algorithm"] in ("sapp", "acdc")]
+                summary = summarize([r for r in refs if (r["sparsity"], r["block_size"]) in cells] + variants)
+                for stat, label, _ in stats:
+                    out.append(
+                        f"{name}, variants: {label}, mean ± std over seeds\n\n{paper_table(summary, None, stat)}"
+                    )
+            out.append(f"{name}: every configuration\n\n{runs_table(summarize(dense + pruned))}")
+    return "\n\n".join(out)
+
+
+def print_tables(paths: list[Path]) -> None:
+    rows = [r for p in paths for r in load_jsonl(p)]
+    print(tables(rows) if rows else "(no runs)")
+    for split, label in (("val", "validation"), ("test", "test")):
+        table = score_table(rows, split)
+        if table:
+            print(f"\nSA++ with attention minus magnitude scores (Fig. 2(a)), {label} top-1, points\n\n{table}")
 
 
 # --- command line ------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["ctr", "images", "ablations"], default="ctr")
-    p.add_argument("--quick", action="store_true", help="a few short runs of every part (< 2 minutes)")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--part", choices=sorted(PARTS), default="ctr", help="ctr: recipe=movielens_ctr; images: "
+                   "recipe=fashion_mnist_demo with each of --models")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="a few short runs of every part (a few minutes)")
+    p.add_argument("--epochs", type=int, help="trainer.max_epochs (default: 25 for ctr, the recipe's; 2 for images)")
+    p.add_argument("--limit-train-batches", type=int, help="trainer.limit_train_batches")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--sparsities", type=float, nargs="+", help="default: the paper's for the part")
-    p.add_argument("--blocks", type=int, nargs="+", help="default: 10 20 5 (CTR), 16 8 32 (images), 10/16 (ablations)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--models", nargs="+", default=["mlp"], choices=MODELS)
-    p.add_argument("--min-blocks", type=int, default=100, help="images: layers with fewer blocks stay dense")
-    p.add_argument("--ablations", nargs="+", default=["no_sparsify", "c2", "c8"], choices=list(ABLATIONS))
-    p.add_argument("--ablations-on", choices=["ctr", "images"], default="ctr", help="images: on each of --models")
+    p.add_argument("--blocks", type=int, nargs="+", help="default: 10 20 5 (ctr), 16 8 32 (images)")
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="dense is pruning=dense")
+    p.add_argument("--models", nargs="+", default=["mlp"], choices=MODELS, help="images: model=...")
+    p.add_argument("--min-blocks", nargs="+", metavar="[B=]N", help="pruning.min_blocks, for every block size "
+                   "or per block size (8=100 16=17); default: the recipe's (100)")  # fmt: skip
+    p.add_argument("--set", nargs="+", default=[], metavar="OVERRIDE", help="more Hydra overrides; key=a,b sweeps")
+    p.add_argument("--ablations", nargs="+", default=[], choices=list(ABLATIONS), help="SA++ variants by name")
+    p.add_argument("--reuse", type=Path, nargs="+", default=[], help="JSON lines files whose runs with exactly a "
+                   "job's composed config stand in for it (recorded as reused_from)")  # fmt: skip
     p.add_argument("--processes", type=int, default=2, help="runs in parallel, one thread each")
     p.add_argument("--out", type=Path, help="JSON lines file (default bench/results/<part>.jsonl)")
     p.add_argument("--table", type=Path, nargs="*", help="only print the tables of these files")
+    p.add_argument("--compare", type=Path, nargs="+", help="only print these files' plain runs side by side")
     return p.parse_args(argv)
-
-
-def quick_jobs() -> list[dict[str, Any]]:
-    """Short runs (2 epochs of 10 batches) through every path: CTR dense, SA++, ACDC and SA++ without its
-    sparsification phases, the MLP with SA++ and the CNN with ACDC. Too short to compare methods."""
-    short = dict(limit_train_batches=10)
-    jobs = [make_job("ctr", m, 0.9, 10, 0, 2, **short) for m in ("dense", "sapp", "acdc")]
-    jobs += [make_job("ctr", "sapp", 0.9, 10, 0, 2, options=dict(ABLATIONS["no_sparsify"]), **short)]
-    jobs += [make_job("images", "sapp", 0.9, 16, 0, 2, model="mlp", min_blocks=100, **short)]
-    jobs += [make_job("images", "acdc", 0.9, 8, 0, 2, model="cnn", min_blocks=100, **short)]
-    return jobs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,24 +394,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.table is not None:
         print_tables(args.table)
         return 0
+    if args.compare:
+        stats = ("mean", "test_mean", "auroc_mean", "test_auroc_mean")
+        labels = ("validation BCE or top-1 %", "test BCE or top-1 %", "validation AUROC", "test AUROC")
+        for stat, label in zip(stats, labels):
+            table = compare_table({p.name: load_jsonl(p) for p in args.compare}, stat)
+            if "±" in table:
+                print(f"\n{label}, mean ± std over seeds\n\n{table}")
+        return 0
     if args.quick:
         out = args.out or Path("runs/quality/quick.jsonl")
         jobs = quick_jobs()
     else:
         out = args.out or RESULTS / f"{args.part}.jsonl"
-        jobs = {"ctr": ctr_jobs, "images": image_jobs, "ablations": ablation_jobs}[args.part](args)
-    _warm_data(jobs)
+        jobs = grid(args)
+    if args.reuse:
+        print(f"{reuse(jobs, args.reuse, out)} runs reused from {', '.join(map(str, args.reuse))}", flush=True)
     run_pool(jobs, run_job, out, args.processes)
     print_tables([out])
     return 0
-
-
-def _warm_data(jobs: list[dict[str, Any]]) -> None:
-    """Load the data before forking, so workers share it instead of each parsing the files."""
-    if any(j["part"] == "ctr" for j in jobs):
-        movielens()
-    if any(j["part"] == "images" for j in jobs):
-        fashion_mnist()
 
 
 if __name__ == "__main__":

@@ -95,6 +95,24 @@ def build_callbacks(cfg: DictConfig, pruning: BlockPruning | None, has_logger: b
     return callbacks + ([pruning] if pruning is not None else [])
 
 
+class KeptAttentionRange:
+    """A sparsifier listener: SA++'s kept-block attention ``A = N softmax(L)`` per pruned layer, as
+    ``{layer: [min, max]}``, taken at the commit event, right before ``A`` is folded into the weights (nothing for
+    the other algorithms and for ``score=magnitude``). A range close to ``[1, 1]`` means the logits barely moved.
+    A class, not a closure: under ``ddp_spawn`` the callback that holds it is pickled."""
+
+    def __init__(self) -> None:
+        self.ranges: dict[str, list[float]] = {}
+
+    def __call__(self, sparsifier: Any, event: Any) -> None:
+        if event.kind != "commit":
+            return
+        for state in sparsifier.layer_states():
+            kept = state.importance[state.mask]
+            if state.importance_name == "attention" and kept.numel():
+                self.ranges[state.name] = [round(float(kept.min()), 4), round(float(kept.max()), 4)]
+
+
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
@@ -163,6 +181,9 @@ def finish_wandb(trainer: pl.Trainer) -> None:
 
 
 def _fit_and_report(cfg, trainer, module, datamodule, pruning, ckpt_path) -> dict[str, Any] | None:
+    attention = KeptAttentionRange()
+    if pruning is not None:
+        pruning.sparsifier.add_listener(attention)
     started = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
@@ -195,7 +216,10 @@ def _fit_and_report(cfg, trainer, module, datamodule, pruning, ckpt_path) -> dic
         "pruned_layers": [layer.name for layer in report.layers] if report else [],
         "fit_seconds": fit_seconds,
         "steps": trainer.global_step,
+        "epochs": cfg.trainer.max_epochs,
     }
+    if attention.ranges:
+        results["attention_range"] = attention.ranges
     if trainer.is_global_zero:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)

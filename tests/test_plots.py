@@ -409,6 +409,50 @@ def test_a_diverged_method_is_marked_at_the_edge_instead_of_stretching_the_axis(
     assert "off the scale" in fig.get_supxlabel()
 
 
+def score_rows() -> list[dict]:
+    """SA++ on two models with attention (plain or explicit) and magnitude scores; one unpaired run, one ACDC run."""
+    rows = []
+    for model, blocks in (("MLP", (8, 16)), ("SmallCNN", (16,))):
+        for block in blocks:
+            for sparsity in (0.8, 0.9):
+                for seed in range(3):
+                    attention = "" if model == "MLP" else "pruning.score=attention"
+                    for variant, acc in ((attention, 0.80 + 0.01 * seed), ("pruning.score=magnitude", 0.79)):
+                        cell = dict(model=model, block_size=block, sparsity=sparsity, seed=seed, variant=variant)
+                        key = f"{model}{block}{sparsity}{seed}{variant}"
+                        rows.append(dict(cell, key=key, algorithm="sapp", val={"val/acc": acc + block / 1000}))
+    rows.append(dict(rows[0], key="unpaired", seed=7))
+    rows.append(dict(rows[0], key="acdc", algorithm="acdc", variant="", val={"val/acc": 0.1}))
+    return rows
+
+
+def test_score_differences_pair_attention_and_magnitude_runs_seed_by_seed():
+    differences = plots.score_differences(score_rows())
+    assert sorted(differences) == ["MLP", "SmallCNN"]
+    first = differences["MLP"][0]
+    assert (first.block, first.sparsity) == (8, 0.8)
+    assert first.values == pytest.approx((1.0, 2.0, 3.0)) and first.mean == pytest.approx(2.0)  # seed 7 unpaired
+    assert [(d.block, d.sparsity) for d in differences["SmallCNN"]] == [(16, 0.8), (16, 0.9)]
+
+
+def test_score_difference_figure_has_a_bar_per_cell_in_the_sparsity_colours(tmp_path, mpl):
+    rows = score_rows()
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = plots.plot_score_difference([path], tmp_path / "figures")
+    assert written == tmp_path / "figures" / plots.SCORE_FIGURE
+    fig = plots.score_difference_figure(plots.score_differences(rows))
+    mlp, cnn = (ax for ax in fig.axes if ax.get_title())
+    assert mlp.get_title() == "MLP (3 seeds)" and [t.get_text() for t in mlp.get_xticklabels()] == ["8x8", "16x16"]
+    heights = sorted(round(bar.get_height(), 6) for bar in mlp.patches)
+    assert heights == [2.0] * 4  # (0.80 + 0.01 * seed) - 0.79, in points, averaged over the seeds
+    assert len(cnn.patches) == 2
+    pixels = png_pixels(written)
+    for color in plots.LEVEL_COLORS[:2]:  # 80% and 90%
+        assert count_color(pixels, color, tolerance=8) > 100
+    assert count_color(pixels, plots.LEVEL_COLORS[2], tolerance=8) == 0
+
+
 # --- sweeps: the results CLI ----------------------------------------------------------------------------------------
 def fake_demo_sweep(root: Path) -> Path:
     """``runs/demo`` as ``make demo`` leaves it: one folder per method, CSV logs for the pruned ones (the dense

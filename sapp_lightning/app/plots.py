@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..paper import CRITEO_DENSE_LOSS, IMAGENET_DENSE_TOP1, paper_value
-from ..results import METHOD_NAMES, METHOD_ORDER, load_results
+from ..results import METHOD_NAMES, METHOD_ORDER, Difference, load_jsonl, load_results, score_differences
 
 if TYPE_CHECKING:  # matplotlib is an optional extra
     import pytorch_lightning as pl
@@ -439,7 +439,7 @@ def records_from_results(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
                 "task": r.get("task", "classification"),
                 "data": r.get("data", ""),
                 "model": r.get("model", ""),
-                "epochs": None,
+                "epochs": r.get("epochs"),
                 "pruned_layers": tuple(r.get("pruned_layers") or ()),
                 **{k: v for k, v in metrics.items() if v is not None},
             }
@@ -447,40 +447,11 @@ def records_from_results(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
     return out
 
 
-JSONL_MODELS = {"mlp": "MLP", "cnn": "SmallCNN", "cnn_nobn": "SmallCNN (no BatchNorm)"}  # bench/quality.py --models
-
-
 def records_from_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The runs of a ``bench/quality.py`` JSON lines file as plot records; ablation rows (with ``options``) are
-    left out, and a run written twice counts once (the last line, as ``--table`` reads it)."""
-    rows: dict[str, dict[str, Any]] = {}
-    for line in Path(path).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line of an interrupted sweep
-            continue
-        rows[row.get("key", line)] = row
-    out = []
-    for r in rows.values():
-        if r.get("options"):
-            continue
-        ctr = r.get("part") == "ctr"
-        metrics = {"acc": r.get("val_acc"), "loss": r.get("val_loss"), "auroc": r.get("val_auroc")}
-        out.append(
-            {
-                "method": r["method"],
-                "sparsity": float(r["sparsity"]),
-                "block": int(r["block"]),
-                "seed": r.get("seed"),
-                "task": "ctr" if ctr else "classification",
-                "data": "MovieLensCTRDataModule" if ctr else "FashionMNISTDataModule",
-                "model": "CriteoPaperNet" if ctr else JSONL_MODELS.get(r.get("model"), r.get("model")),
-                "epochs": r.get("epochs"),
-                "pruned_layers": tuple(sorted(r.get("pruned_layers") or ())),
-                **{k: v for k, v in metrics.items() if v is not None},
-            }
-        )
-    return out
+    """The runs of a ``bench/quality.py`` JSON lines file as plot records (read by
+    :func:`sapp_lightning.results.load_jsonl`, older lines included); runs with a variant (ablations, swept
+    overrides) are left out, and a run written twice counts once (its last line)."""
+    return records_from_results(r for r in load_jsonl(path) if not r.get("variant"))
 
 
 def paper_setting(records: Sequence[dict[str, Any]]) -> str | None:
@@ -741,6 +712,65 @@ def _result_caption(records: Sequence[dict[str, Any]], setting: str | None) -> s
     )
 
 
+# --- SA++'s block score: attention against magnitude (the paper's Fig. 2(a)) -------------------------------------
+# Okabe-Ito colours (as METHOD_COLORS), one per sparsity level in ascending order.
+LEVEL_COLORS = ["#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
+
+
+def score_difference_figure(differences: dict[str, list[Difference]], title: str | None = None) -> Figure:
+    """Grouped bars shaped like the paper's Fig. 2(a): one panel per model, x = block size, one bar (colour) per
+    sparsity, y = top-1 with attention scores minus top-1 with magnitude scores in points (positive: attention is
+    better), bars at the mean over seeds with min-max whiskers and each seed's difference as a dot."""
+    Figure, FigureCanvasAgg = _matplotlib()
+    from matplotlib.patches import Patch
+
+    if not differences:
+        raise ValueError("no pairs of SA++ runs with attention and magnitude scores")
+    levels = sorted({d.sparsity for ds in differences.values() for d in ds})
+    colors = {s: LEVEL_COLORS[i % len(LEVEL_COLORS)] for i, s in enumerate(levels)}
+    counts = [len({d.block for d in ds}) for ds in differences.values()]  # panel widths follow the block sizes
+    fig = Figure(figsize=(2.6 + 2.3 * sum(counts), 4.3), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(differences), squeeze=False, sharey=True, gridspec_kw={"width_ratios": counts})[0]
+    width = 0.8 / len(levels)
+    for ax, (model, ds) in zip(axes, differences.items()):
+        blocks = sorted({d.block for d in ds})
+        for d in ds:
+            x = blocks.index(d.block) + (levels.index(d.sparsity) - (len(levels) - 1) / 2) * width
+            low, high = min(d.values), max(d.values)
+            ax.bar(x, d.mean, width * 0.9, color=colors[d.sparsity], zorder=2)
+            ax.errorbar(x, d.mean, yerr=[[d.mean - low], [high - d.mean]], color="#333333", lw=1, capsize=3, zorder=3)
+            ax.plot([x] * len(d.values), d.values, ls="none", marker="o", ms=3, mfc="white", mec="#333333", zorder=4)
+        ax.axhline(0, color="#000000", lw=1, zorder=1)
+        ax.set_xticks(range(len(blocks)), [f"{b}x{b}" for b in blocks])
+        ax.set_xlim(-0.55, len(blocks) - 0.45)
+        ax.set_xlabel("block size")
+        ax.set_title(f"{model} ({len(ds[0].values)} seeds)" if len({len(d.values) for d in ds}) == 1 else model)
+        ax.grid(axis="y", color="#dddddd", lw=0.6, zorder=0)
+        ax.set_axisbelow(True)
+    axes[0].set_ylabel("top-1: attention minus magnitude (points)")
+    handles = [Patch(color=colors[s], label=f"{s:.0%} sparsity") for s in levels]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+    fig.suptitle(
+        title or "SA++ block score: softmax attention vs block magnitude (paper's Fig. 2(a) shape)", fontsize=11
+    )
+    fig.supxlabel(
+        "Bars: mean over seeds of the paired difference (same seed, schedule, resets and phases); whiskers: min-max; "
+        "dots: seeds. Positive: attention is better.",
+        fontsize=8,
+    )
+    return fig
+
+
+def plot_score_difference(paths: Sequence[str | Path], out: str | Path, split: str = "val") -> Path:
+    """The Fig. 2(a)-shaped figure of the runs in ``paths`` (JSON lines) as ``out/score_attention_vs_magnitude.png``."""
+    rows = [r for path in paths for r in load_jsonl(path)]
+    return save_figure(score_difference_figure(score_differences(rows, split)), Path(out) / SCORE_FIGURE)
+
+
+SCORE_FIGURE = "score_attention_vs_magnitude.png"
+
+
 # --- sweep folders and JSON lines files --------------------------------------------------------------------------
 def _group_key(record: dict[str, Any]) -> tuple:
     return (record["data"], record["model"], record["task"], record.get("epochs"))
@@ -808,8 +838,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="folder for the figures of .jsonl files (default: beside each file) and of single runs (named "
         "sparsity_curve_<method>.png there; default: sparsity_curve.png in the run folder)",
     )  # fmt: skip
+    parser.add_argument(
+        "--score-difference", action="store_true",
+        help="the .jsonl sources together: SA++ with attention against magnitude scores (Fig. 2(a)), as "
+        f"OUT/{SCORE_FIGURE}",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
+        if args.score_difference:
+            print(f"wrote {plot_score_difference(args.sources, args.out or args.sources[0].parent)}")
+            return 0
         for source in args.sources:
             if source.suffix == ".jsonl":
                 written = plot_jsonl([source], args.out or source.parent)
