@@ -1,5 +1,16 @@
 """The Hydra application's pieces: a client of the public ``sapp_lightning`` API like any user's code."""
 
-from .heatmaps import MaskHeatmaps
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["MaskHeatmaps"]
+
+
+def __getattr__(name: str) -> Any:
+    # lazy: `python -m sapp_lightning.app.plots` must not find plots imported already (runpy warns)
+    if name == "MaskHeatmaps":
+        from .heatmaps import MaskHeatmaps
+
+        return MaskHeatmaps
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
