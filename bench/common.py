@@ -194,3 +194,15 @@ def memory_bandwidth(threads: int, small_numel: int, large_numel: int = 50_000_0
     finally:
         torch.set_num_threads(previous)
     return result
+
+
+def zero_random_blocks_(layer: torch.nn.Linear, block: int, sparsity: float) -> torch.nn.Linear:
+    """Zero ``sparsity`` of ``layer``'s ``block x block`` weight blocks, chosen at random (a committed layer)."""
+    from sapp_lightning.blocks import BlockLayout, keep_count
+
+    layout = BlockLayout.for_weight(layer.weight, block)
+    mask = torch.zeros(layout.num_blocks)
+    mask[torch.randperm(layout.num_blocks)[: keep_count(layout.num_blocks, sparsity)]] = 1
+    with torch.no_grad():
+        layer.weight.mul_(layout.expand(mask.reshape(layout.grid_shape)))
+    return layer

@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import interleaved_times, machine  # noqa: E402
-from sapp_lightning.blocks import BlockLayout, keep_count  # noqa: E402
+from bench.common import interleaved_times, machine, zero_random_blocks_  # noqa: E402
 from sapp_lightning.export import save_block_sparse, to_block_sparse  # noqa: E402
 
 MODELS = {"square": "3x Linear(1024, 1024)", "mlp": "Linear(768, 3072) GELU Linear(3072, 768)"}
@@ -48,11 +47,7 @@ def committed(model: str, sparsity: float, block: int, seed: int = 0) -> nn.Sequ
     net = build(model).eval()
     for layer in net:
         if isinstance(layer, nn.Linear):
-            layout = BlockLayout.for_weight(layer.weight, block)
-            mask = torch.zeros(layout.num_blocks)
-            mask[torch.randperm(layout.num_blocks)[: keep_count(layout.num_blocks, sparsity)]] = 1
-            with torch.no_grad():
-                layer.weight.mul_(layout.expand(mask.reshape(layout.grid_shape)))
+            zero_random_blocks_(layer, block, sparsity)
     return net
 
 

@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import interleaved_times, machine  # noqa: E402
-from sapp_lightning.blocks import BlockLayout, keep_count  # noqa: E402
+from bench.common import interleaved_times, machine, zero_random_blocks_  # noqa: E402
 from sapp_lightning.export import DENSE_MARGIN, BlockSparseLinear, layout_rule  # noqa: E402
 
 SHAPES = {"1024-1024": (1024, 1024), "768-3072": (768, 3072), "3072-768": (3072, 768)}  # "in-out"
@@ -36,13 +35,7 @@ SHAPES = {"1024-1024": (1024, 1024), "768-3072": (768, 3072), "3072-768": (3072,
 def committed_linear(in_features: int, out_features: int, block: int, sparsity: float, seed: int = 0) -> nn.Linear:
     """An ``nn.Linear`` whose weight has ``sparsity`` of its ``block x block`` blocks zero, at random."""
     torch.manual_seed(seed)
-    layer = nn.Linear(in_features, out_features).eval()
-    layout = BlockLayout.for_weight(layer.weight, block)
-    mask = torch.zeros(layout.num_blocks)
-    mask[torch.randperm(layout.num_blocks)[: keep_count(layout.num_blocks, sparsity)]] = 1
-    with torch.no_grad():
-        layer.weight.mul_(layout.expand(mask.reshape(layout.grid_shape)))
-    return layer
+    return zero_random_blocks_(nn.Linear(in_features, out_features).eval(), block, sparsity)
 
 
 def time_cell(shape: str, block: int, sparsity: float, batch: int, repeats: int) -> dict[str, Any]:

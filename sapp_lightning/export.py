@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .blocks import BlockLayout, BlockSize, KernelKind, is_hf_conv1d, kernel_kind, normalize_block_size
+from .targets import parameter_owners
 
 log = logging.getLogger(__name__)
 
@@ -351,14 +352,6 @@ class ExportSummary:
         return self.format()
 
 
-def _owners(model: nn.Module) -> dict[int, list[str]]:
-    holders: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        for param_name, param in module.named_parameters(recurse=False):
-            holders.setdefault(id(param), []).append(f"{name}.{param_name}" if name else param_name)
-    return {key: sorted(set(value)) for key, value in holders.items()}
-
-
 def _weight_names(module: nn.Module) -> list[str]:
     """The weight matrices or kernels held directly by ``module`` (biases and norms' scales are not)."""
     if isinstance(module, nn.MultiheadAttention):
@@ -461,7 +454,7 @@ def to_block_sparse(
         )
     target = model if inplace else copy.deepcopy(model)
     out_projs = {id(m.out_proj) for m in target.modules() if isinstance(m, nn.MultiheadAttention)}
-    asked = _Asked(block, min_sparsity, includes, excludes, layout, batch_size, _owners(target), out_projs)
+    asked = _Asked(block, min_sparsity, includes, excludes, layout, batch_size, parameter_owners(target), out_projs)
     choices = []
     for name, module in list(target.named_modules()):
         for param_name in _weight_names(module):

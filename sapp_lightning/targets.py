@@ -128,7 +128,7 @@ def survey(
     it (see :class:`~sapp_lightning.BlockSparsifier`).
     """
     block = normalize_block_size(block_size)
-    owners = _owners(model)
+    owners = parameter_owners(model)
     chosen: list[Candidate] = []
     tied: list[Candidate] = []
     choices: list[LayerChoice] = []
@@ -223,7 +223,8 @@ def _label(candidate: Candidate) -> str:
     return candidate.name if candidate.param_name == "weight" else f"{candidate.name}.{candidate.param_name}"
 
 
-def _owners(model: nn.Module) -> dict[int, list[str]]:
+def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter)`` -> the sorted names under which the model holds it (several: a tied weight)."""
     holders: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         for param_name, param in module.named_parameters(recurse=False):
