@@ -57,6 +57,19 @@ METADATA_KEY = "sapp_lightning.block_pruning"
 Listener = Callable[["BlockSparsifier", PruningEvent], None]
 
 
+def _likely_cause(found: list[tuple[str, str, Tensor]]) -> str:
+    """What to try for the non-finite tensors ``(layer, what, tensor)``, from what they are."""
+    tensors = [t.detach() for *_, t in found]
+    if any(t.dtype == torch.float16 and bool(torch.isinf(t).any()) for t in tensors):
+        return "float16 overflowed (its largest value is 65504): train in bf16-mixed or 32-true, or scale the loss"
+    if all(what == "attention logits" for _, what, _ in found):
+        return (
+            "only SA++'s attention logits diverged: lower their learning rate or give them an L2 term "
+            "(logit_l2); the weights are finite"
+        )
+    return "training diverged (lower the learning rate, clip gradients, or check the data)"
+
+
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside Lightning's ``LightningOptimizer`` or Fabric's ``_FabricOptimizer``."""
     inner = getattr(optimizer, "optimizer", None)
@@ -553,11 +566,9 @@ class BlockSparsifier:
         finite = torch.stack([torch.isfinite(t.detach()).all().to(device) for *_, t in tensors])
         if bool(finite.all()):  # the one host sync
             return
-        bad = [f"{name!r} ({what})" for (name, what, _), ok in zip(tensors, finite.tolist()) if not ok]
-        raise FloatingPointError(
-            f"BlockPruning: NaN or infinite values {when} in layer {', '.join(bad)}; training diverged "
-            "(lower the learning rate, clip gradients, or check the data)"
-        )
+        found = [(name, what, t) for (name, what, t), ok in zip(tensors, finite.tolist()) if not ok]
+        bad = ", ".join(f"{name!r} ({what})" for name, what, _ in found)
+        raise FloatingPointError(f"BlockPruning: NaN or infinite values {when} in layer {bad}; {_likely_cause(found)}")
 
     def verify_masks(self, when: str, all_gather: AllGather | None = None) -> None:
         """Raise ``RuntimeError`` if the masks differ across ranks. ``all_gather`` defaults to

@@ -419,3 +419,24 @@ def test_powerprop_leaves_an_all_zero_weight_dense_saying_why_and_refuses_a_mode
     with pytest.raises(ValueError, match=r"no layer to prune: 0 is all zero: .*; 1 is all zero: "):
         BlockSparsifier("powerprop", 0.5, 8, min_blocks=4).prepare(fresh)
     assert not any("parametrizations" in name for name, _ in fresh.named_modules())  # untouched
+
+
+@pytest.mark.parametrize(
+    "algorithm, dtype, corrupt, cause",
+    [
+        ("acdc", torch.float32, "weight", r"; training diverged \(lower the learning rate, clip gradients, or check"),
+        ("acdc", torch.float16, "weight", r"; float16 overflowed \(its largest value is 65504\): train in bf16-mixed"),
+        ("sapp", torch.float32, "logits", r"; only SA\+\+'s attention logits diverged: lower their learning rate or"),
+    ],
+)
+def test_a_non_finite_error_names_the_cause_that_fits_what_is_non_finite(algorithm, dtype, corrupt, cause):
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    sparsifier = BlockSparsifier(algorithm, 0.5, 8, min_blocks=4)
+    (layer, _) = sparsifier.prepare(model)
+    model.to(dtype)
+    tensor = sparsifier.algorithm.trainable_parameters(layer)[0] if corrupt == "logits" else layer.raw_weight
+    with torch.no_grad():
+        tensor.view(-1)[5] = math.inf
+    what = "attention logits" if corrupt == "logits" else "weight"
+    with pytest.raises(FloatingPointError, match=rf"NaN or infinite values now in layer '0' \({what}\){cause}"):
+        sparsifier.check_finite("now")
