@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .algorithms import build_algorithm
-from .algorithms.base import MASK_SUFFIX
+from .algorithms.base import MASK_SUFFIX, algorithm_option_names
 from .blocks import BlockLayout
 from .sparsifier import METADATA_KEY
 
@@ -79,11 +79,16 @@ def committed_state_dict(
     pending: dict[str, tuple[str, torch.Tensor]] = {}  # layer prefix -> (weight key, committed weight)
     dropped = {key for key in state if key.endswith(LEGACY_CONFIG_KEY)}
     for root, cfg in configs.items():
-        algorithm = build_algorithm(cfg["algorithm"], **_algorithm_options(cfg))
+        # the knobs the configuration records (alpha, clip bounds, softmax scope...) change the forward
+        algorithm = build_algorithm(cfg["algorithm"], **{k: v for k, v in cfg.items() if k in algorithm_option_names()})
         params = cfg.get("params") or ["weight"] * len(cfg["layers"])
-        for name, kind, param in zip(cfg["layers"], cfg["kinds"], params):
-            prefix = f"{root}{name}." if name else root
-            pending[prefix], used = _fold_layer(state, prefix, param, kind, cfg, algorithm)
+        # every layer's parametrization first: with softmax_scope="global" each one's attention needs all logits
+        layers = [
+            _load_layer(state, f"{root}{name}." if name else root, param, kind, cfg, algorithm)
+            for name, kind, param in zip(cfg["layers"], cfg["kinds"], params)
+        ]
+        for prefix, param, fold, used in layers:
+            pending[prefix] = (prefix + param, fold())
             dropped.update(used)
     plain: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -97,12 +102,8 @@ def committed_state_dict(
     return plain
 
 
-def _algorithm_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: cfg[key] for key in ("prune_mode", "attention_clipping") if key in cfg}
-
-
-def _fold_layer(state, prefix: str, param: str, kind: str, cfg, algorithm) -> tuple[tuple[str, torch.Tensor], list]:
-    """One layer's committed weight: ``((its key, the tensor), the keys it replaces)``."""
+def _load_layer(state, prefix: str, param: str, kind: str, cfg, algorithm) -> tuple[str, str, Any, list[str]]:
+    """One layer: ``(prefix, param, a function giving its committed weight, the keys that weight replaces)``."""
     reparam_prefix = f"{prefix}parametrizations.{param}."
     if reparam_prefix + "original" in state:
         original = state[reparam_prefix + "original"]
@@ -112,9 +113,10 @@ def _fold_layer(state, prefix: str, param: str, kind: str, cfg, algorithm) -> tu
             raise ValueError(f"layer {prefix[:-1]!r} has a parametrization, but {cfg['algorithm']!r} uses none")
         own = {k: state[f"{reparam_prefix}0.{k}"] for k in reparam.state_dict()}
         reparam.load_state_dict(own)
+        reparam.to(original.device)
         used = [reparam_prefix + "original"] + [f"{reparam_prefix}0.{k}" for k in own]
-        return (prefix + param, reparam.to(original.device)(original)), used
+        return prefix, param, lambda: reparam(original), used
     weight, mask = state[prefix + param], state[prefix + param + MASK_SUFFIX]
     layout = BlockLayout(kind, tuple(weight.shape), tuple(cfg["block_size"]))
-    folded = weight * layout.expand(mask.to(weight.dtype))
-    return (prefix + param, folded), [prefix + param, prefix + param + MASK_SUFFIX]
+    used = [prefix + param, prefix + param + MASK_SUFFIX]
+    return prefix, param, lambda: weight * layout.expand(mask.to(weight.dtype)), used

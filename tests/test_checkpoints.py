@@ -187,3 +187,32 @@ def test_resume_inside_a_sparsification_phase_is_bit_identical(tmp_path, algorit
     resumed, _ = run(ckpt_path=middle)
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    "algorithm, options",
+    [
+        ("powerprop", dict(alpha=3.0)),
+        ("sapp", dict(softmax_scope="global", softmax_over="kept", clip_bounds=(0.5, 1.5))),
+    ],
+)
+def test_committed_state_dict_folds_with_the_algorithms_own_settings(algorithm, options):
+    """The algorithm's knobs change its forward (alpha, one softmax over all layers, the clip bounds): folding a
+    training state must use them, so that the folded weights are the ones the model computed with."""
+    from sapp_lightning import BlockSparsifier
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    sparsifier = BlockSparsifier(algorithm, 0.5, BLOCK, min_blocks=10, **options)
+    sparsifier.prepare(model)
+    with torch.no_grad():
+        for layer in sparsifier.layers:
+            for logits in sparsifier.algorithm.trainable_parameters(layer):
+                logits.normal_()
+            layer.set_mask(torch.rand(layer.layout.grid_shape) > 0.5)
+    training_state = model.state_dict()
+    computed = {name: layer.effective_weight().detach().clone() for name, layer in
+                ((layer.name, layer) for layer in sparsifier.layers)}  # fmt: skip
+    folded = committed_state_dict(training_state)
+    for name, weight in computed.items():
+        torch.testing.assert_close(folded[f"{name}.weight"], weight, rtol=0, atol=1e-6)

@@ -37,6 +37,11 @@ def get_algorithm(name: str) -> type[PruningAlgorithm]:
     return ALGORITHMS[name]
 
 
+def algorithm_option_names() -> set[str]:
+    """Every knob some registered algorithm takes (the union of their constructors' arguments)."""
+    return {name for c in ALGORITHMS.values() for name in inspect.signature(c.__init__).parameters} - {"self"}
+
+
 def build_algorithm(algorithm: str | PruningAlgorithm, **options: Any) -> PruningAlgorithm:
     """An algorithm object from a registered name and its knobs, or a copy of a given object.
 
@@ -54,7 +59,7 @@ def build_algorithm(algorithm: str | PruningAlgorithm, **options: Any) -> Prunin
     if not isinstance(algorithm, str):
         raise TypeError(f"algorithm must be a name or a PruningAlgorithm, got {type(algorithm).__name__}")
     cls = get_algorithm(algorithm)
-    known = {name for c in ALGORITHMS.values() for name in inspect.signature(c.__init__).parameters} - {"self"}
+    known = algorithm_option_names()
     unknown = sorted(set(given) - known)
     if unknown:
         raise ValueError(
