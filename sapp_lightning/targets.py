@@ -173,9 +173,9 @@ def choose_layers(
     anything changes.
     """
     chosen, choices, tied = survey(model, block_size, min_blocks, include, exclude)
-    untrainable = {c.name: why for c in chosen if cannot_train and (why := cannot_train(c.weight.detach()))}
+    untrainable = {_label(c): why for c in chosen if cannot_train and (why := cannot_train(c.weight.detach()))}
     if untrainable:
-        chosen = [c for c in chosen if c.name not in untrainable]
+        chosen = [c for c in chosen if _label(c) not in untrainable]
         choices = [LayerChoice(c.name, c.type_name, c.layout, untrainable.get(c.name, c.reason)) for c in choices]
         listed = "; ".join(f"{name} ({why})" for name, why in untrainable.items())
         rank_zero_warn(f"BlockPruning: these weights stay dense: {listed}")

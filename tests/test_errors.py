@@ -440,3 +440,14 @@ def test_a_non_finite_error_names_the_cause_that_fits_what_is_non_finite(algorit
     what = "attention logits" if corrupt == "logits" else "weight"
     with pytest.raises(FloatingPointError, match=rf"NaN or infinite values now in layer '0' \({what}\){cause}"):
         sparsifier.check_finite("now")
+
+
+def test_powerprop_names_an_all_zero_attention_input_projection_by_its_parameter():
+    attention = nn.MultiheadAttention(32, 2)
+    nn.init.zeros_(attention.in_proj_weight)
+    model = nn.ModuleDict({"attn": attention, "fc": nn.Linear(64, 64)})
+    sparsifier = BlockSparsifier("powerprop", 0.5, 8, min_blocks=4)
+    with pytest.warns(UserWarning, match=r"stay dense: attn.in_proj_weight \(all zero"):
+        sparsifier.prepare(model)
+    assert [layer.name for layer in sparsifier.layers] == ["attn.out_proj", "fc"]
+    assert {c.name: c.reason for c in sparsifier.choices}["attn.in_proj_weight"].startswith("all zero")
