@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .blocks import BlockLayout, BlockSize, KernelKind, is_hf_conv1d, kernel_kind, normalize_block_size
-from .targets import parameter_owners
+from .targets import parameter_owners, text_table, weight_kinds
 
 log = logging.getLogger(__name__)
 
@@ -343,22 +343,10 @@ class ExportSummary:
             if c.zero_fraction is not None:
                 zeros = f"{c.zero_fraction:.0%} ({c.nonzero_blocks}/{c.num_blocks} kept)"
             rows.append((c.name, c.type_name, export, zeros, c.index_dtype or "", c.reason))
-        header = ("layer", "type", "export", "zero blocks", "indices", "why dense / note")
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-        return "\n".join([line(header), *map(line, rows)])
+        return text_table(("layer", "type", "export", "zero blocks", "indices", "why dense / note"), rows)
 
     def __str__(self) -> str:
         return self.format()
-
-
-def _weight_names(module: nn.Module) -> list[str]:
-    """The weight matrices or kernels held directly by ``module`` (biases and norms' scales are not)."""
-    if isinstance(module, nn.MultiheadAttention):
-        names = ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"]
-        return [n for n in names if getattr(module, n, None) is not None]
-    weight = module._parameters.get("weight")
-    return ["weight"] if weight is not None and weight.dim() >= 2 else []
 
 
 _MHA_OUT_PROJ = (
@@ -457,7 +445,7 @@ def to_block_sparse(
     asked = _Asked(block, min_sparsity, includes, excludes, layout, batch_size, parameter_owners(target), out_projs)
     choices = []
     for name, module in list(target.named_modules()):
-        for param_name in _weight_names(module):
+        for param_name, _ in weight_kinds(module):
             label = name if param_name == "weight" else f"{name}.{param_name}"
             choice = _choose(name, label, module, param_name, asked)
             if choice.exported:

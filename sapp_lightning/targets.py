@@ -61,7 +61,7 @@ class LayerChoice:
         return self.reason is None
 
 
-def _weights(module: nn.Module) -> list[tuple[str, str | None]]:
+def weight_kinds(module: nn.Module) -> list[tuple[str, str | None]]:
     """``(parameter name, kernel kind or None)`` for each weight matrix or kernel held directly by ``module``."""
     if isinstance(module, nn.MultiheadAttention):
         if module.in_proj_weight is not None:
@@ -85,7 +85,7 @@ def _unsupported(module: nn.Module) -> str:
 def _walk(model: nn.Module, block: tuple[int, int], include: Sequence[re.Pattern], exclude: Sequence[re.Pattern]):
     """Every weight of ``model`` as ``(candidate or None, choice)``, judged by type and name only."""
     for name, module in model.named_modules():
-        for param_name, kind in _weights(module):
+        for param_name, kind in weight_kinds(module):
             label = name if param_name == "weight" else f"{name}.{param_name}"
             type_name = type(module).__name__
             if kind is None:
@@ -244,7 +244,11 @@ def format_choices(choices: Sequence[LayerChoice]) -> str:
         )
         for c in choices
     ]
-    header = ("layer", "type", "blocks", "pruned", "why not")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
+    return text_table(("layer", "type", "blocks", "pruned", "why not"), rows)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Plain-text columns, left-aligned, two spaces apart (the set-up and export summaries)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), *map(line, rows)])

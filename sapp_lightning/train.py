@@ -175,8 +175,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 
 def finish_wandb(trainer: pl.Trainer) -> None:
     """End this run's W&B run: an unfinished one would be reused by the next run in the same process (sweeps)."""
+    from pytorch_lightning.loggers import WandbLogger
+
     for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:  # never started: nothing to end
             logger.experiment.finish()
 
 
