@@ -48,15 +48,25 @@ from sapp_lightning.results import (  # noqa: E402
     summarize,
 )
 
-METHODS = ("dense", "magnitude", "powerprop", "acdc", "sapp")
+METHODS = ("dense", "magnitude", "powerprop", "acdc", "gmp", "sapp", "torch_ao_gmp")
+# torch.ao.pruning's gradual magnitude pruning (bench/torch_ao_gmp.py) through the app: no BlockPruning callback, the
+# glue's own, on the layers BlockPruning would prune, with gmp's plan (the ramp from 10% to 85% of training).
+TORCH_AO = [
+    "pruning=dense",
+    "pruning.algorithm=torch_ao_gmp",
+    "+callbacks.torch_ao._target_=bench.torch_ao_gmp.TorchAOGradualPruning",
+    "+callbacks.torch_ao.sparsity=${pruning.sparsity}",
+    "+callbacks.torch_ao.block_size=${pruning.block_size}",
+    "+callbacks.torch_ao.min_blocks=${pruning.min_blocks}",
+]
 MODELS = ("mlp", "cnn")
 RESULTS = Path(__file__).resolve().parent / "results"  # committed: the raw runs behind docs/results.md
 # Each part: its recipe, the length of the committed grids, the default grid, and its ACDC plan (for no_sparsify).
 PARTS: dict[str, dict[str, Any]] = {
     "ctr": dict(recipe="movielens_ctr", epochs=25, blocks=[10, 20, 5], sparsities=[0.9, 0.95, 0.97, 0.98, 0.99],
-                acdc_plan="criteo_acdc"),
+                acdc_plan="criteo_acdc", setup="criteo"),
     "images": dict(recipe="fashion_mnist_demo", epochs=2, blocks=[16, 8, 32], sparsities=[0.7, 0.8, 0.9, 0.95],
-                   acdc_plan="imagenet_acdc"),
+                   acdc_plan="imagenet_acdc", setup="imagenet"),
 }  # fmt: skip
 # Benchmark speed, not results: no logger, checkpoints or heatmaps, one validation after the last epoch (the model
 # the run ends with), no sanity check or model summary, one CPU. Stored with each run; a run made with other
@@ -90,6 +100,16 @@ ABLATIONS: dict[str, list[str]] = {
     "logit_init_1e-2": ["pruning.logit_init_std=1e-2"],
     "logit_lr_x10": ["model.module.logit_lr_scale=10"],
     "logit_lr_x100": ["model.module.logit_lr_scale=100"],
+    # Issue 20: the plan by budget ("{setup}": the part's paper setup; "{setup}:K" its plan with K cycles)
+    "gradual": ["pruning.plan={setup}:0"],  # no cycle: one ramp from 10% (20% CTR) of training to 85% (80%)
+    "cycles1": ["pruning.plan={setup}:1"],
+    "cycles2": ["pruning.plan={setup}:2"],
+    "cycles4": ["pruning.plan={setup}:4"],
+    "auto": ["pruning.plan={setup}_auto"],
+    "gradual_zero": ["pruning.plan={setup}:0", "pruning.prune_mode=zero"],
+    "gradual_cubic": ["pruning.plan={setup}:0", "pruning.ramp=cubic"],
+    "gradual_score_magnitude": ["pruning.plan={setup}:0", "pruning.score=magnitude"],
+    "gradual_logit_lr_x10": ["pruning.plan={setup}:0", "model.module.logit_lr_scale=10"],
 }
 
 
@@ -201,7 +221,7 @@ def ablation_overrides(name: str, part: str) -> list[str]:
         >>> ablation_overrides("no_sparsify", "images")
         ['pruning.plan=imagenet_acdc']
     """
-    return [o.format(acdc_plan=PARTS[part]["acdc_plan"]) for o in ABLATIONS[name]]
+    return [o.format(acdc_plan=PARTS[part]["acdc_plan"], setup=PARTS[part]["setup"]) for o in ABLATIONS[name]]
 
 
 def min_blocks_for(spec: list[str] | None, block: int) -> list[str]:
@@ -243,7 +263,8 @@ def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
                         if method == "sapp":
                             variants += [v + ablation_overrides(a, args.part) for a in args.ablations for v in variants]
                         for variant in variants:
-                            overrides = [*base, f"pruning={method}", *cell, *variant, f"seed={seed}", *tail]
+                            algorithm = TORCH_AO if method == "torch_ao_gmp" else [f"pruning={method}"]
+                            overrides = [*base, *algorithm, *cell, *variant, f"seed={seed}", *tail]
                             jobs.append(make_job(args.part, overrides, variant))
     return jobs
 

@@ -40,6 +40,7 @@ class BlockPruningHooks:
         *,
         plan: str | Sequence[Any] | PhasePlan = "imagenet",
         schedule_exponent: float = 4.0,
+        ramp: str | None = None,
         prune_mode: str | None = None,
         reset_optimizer: bool = True,
         attention_clipping: bool | None = None,
@@ -55,7 +56,7 @@ class BlockPruningHooks:
         super().__init__()
         self.sparsifier = BlockSparsifier(
             algorithm, sparsity, block_size, min_blocks, include, exclude, plan=plan,
-            schedule_exponent=schedule_exponent, prune_mode=prune_mode, reset_optimizer=reset_optimizer,
+            schedule_exponent=schedule_exponent, ramp=ramp, prune_mode=prune_mode, reset_optimizer=reset_optimizer,
             attention_clipping=attention_clipping, logit_l2=logit_l2,
             check_finite_every_n_steps=check_finite_every_n_steps, sparsify_every_n_steps=sparsify_every_n_steps,
             sparsify_regrowth=sparsify_regrowth, ranking=ranking, **algorithm_options,
@@ -261,10 +262,10 @@ class BlockPruning(BlockPruningHooks, pl.Callback):
     :class:`~sapp_lightning.BlockSparsifier` (``pruning.sparsifier``), which any other training loop can drive.
 
     Args:
-        algorithm, sparsity, block_size, min_blocks, include, exclude, plan, schedule_exponent, prune_mode,
+        algorithm, sparsity, block_size, min_blocks, include, exclude, plan, schedule_exponent, ramp, prune_mode,
             reset_optimizer, attention_clipping, logit_l2, check_finite_every_n_steps, sparsify_every_n_steps,
             sparsify_regrowth, ranking, **algorithm_options: as for :class:`~sapp_lightning.BlockSparsifier`.
-            ``algorithm`` is a name (``"sapp"``, ``"acdc"``, ``"magnitude"``, ``"powerprop"``) or an object
+            ``algorithm`` is a name (``"sapp"``, ``"acdc"``, ``"magnitude"``, ``"powerprop"``, ``"gmp"``) or an object
             such as ``SequentialAttentionPP(logit_l2=1e-4)``.
         verify_masks_across_ranks: in distributed runs, compare mask checksums across ranks at every phase
             boundary and when training ends, and raise if they differ.

@@ -32,11 +32,12 @@ from typing import Any
 
 from .paper import paper_value
 
-METHOD_ORDER = ("dense", "magnitude", "powerprop", "acdc", "sapp")
+METHOD_ORDER = ("dense", "magnitude", "powerprop", "acdc", "gmp", "sapp")
 METHOD_NAMES = {
     "dense": "Dense",
     "magnitude": "Magnitude",
     "powerprop": "PowerPropagation",
+    "gmp": "Gradual magnitude",
     "acdc": "ACDC",
     "sapp": "SA++",
 }

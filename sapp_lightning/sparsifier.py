@@ -43,7 +43,7 @@ from .blocks import BlockSize, keep_count, normalize_block_size, top_k_mask
 from .distributed import AllGather, is_rank_zero, rank_zero_warn, torch_all_gather, verify_masks_agree, world_size
 from .events import LayerState, Lifecycle, PruningEvent
 from .report import SparsityReport, measure_layer
-from .schedules import Phase, PhasePlan, StepSchedule, exponential_sparsity
+from .schedules import AutoPlan, Phase, PhasePlan, PlanCursor, Position, Ramp, StepSchedule
 from .targets import LayerChoice, choose_layers, compile_patterns, format_choices
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class BlockSparsifier:
     """Owns the pruned layers, the algorithm, the phase plan and its position; any training loop drives it.
 
     Args:
-        algorithm: ``"sapp"``, ``"acdc"``, ``"magnitude"``, ``"powerprop"``, or an algorithm object such as
+        algorithm: ``"sapp"``, ``"acdc"``, ``"magnitude"``, ``"powerprop"``, ``"gmp"``, or an algorithm object such as
             ``SequentialAttentionPP(attention_clipping=False)`` (copied; its knobs stay on it).
         sparsity: fraction of blocks removed in each pruned layer, ``0 <= sparsity < 1``. Each layer keeps
             ``max(1, round((1 - sparsity) * n_blocks))`` blocks.
@@ -91,10 +91,13 @@ class BlockSparsifier:
         include: regular expressions searched in module names; when given, only matching Linear, Conv2d and
             Embedding modules are candidates. Default: every Linear and Conv2d (``groups == 1``).
         exclude: regular expressions; matching modules are never pruned.
-        plan: ``"imagenet"`` or ``"criteo"`` (the paper's plan for the algorithm), a full plan name such as
-            ``"imagenet_acdc"``, or a list of ``(phase, fraction)`` pairs with phases ``"dense"``, ``"sparsify"``,
-            ``"sparse"`` and fractions of the training steps that add up to 1.
-        schedule_exponent: ``c`` of the exponential sparsification schedule.
+        plan: ``"auto"`` (the paper's plan with as many cycles as the training length allows, see
+            :class:`~sapp_lightning.schedules.AutoPlan`), ``"imagenet"`` or ``"criteo"`` (the paper's plan for the
+            algorithm), a full plan name such as ``"imagenet_acdc"``, or a list of ``(phase, fraction)`` pairs with
+            phases ``"dense"``, ``"sparsify"``, ``"sparse"`` and fractions of the training steps that add up to 1.
+        schedule_exponent: ``c`` of the exponential ramp.
+        ramp: how sparsity rises inside a sparsification phase: ``"exponential"`` (SA++'s, exponent
+            ``schedule_exponent``) or ``"cubic"`` (gradual magnitude pruning's); ``None``: the algorithm's own.
         prune_mode, attention_clipping, logit_l2, **algorithm_options: the algorithm's knobs when ``algorithm`` is
             a name (see :class:`~sapp_lightning.algorithms.SequentialAttentionPP` and
             :class:`~sapp_lightning.algorithms.PowerPropagation`); ``None`` keeps the algorithm's default, a knob
@@ -120,8 +123,9 @@ class BlockSparsifier:
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         *,
-        plan: str | Sequence[Any] | PhasePlan = "imagenet",
+        plan: str | Sequence[Any] | PhasePlan | AutoPlan = "imagenet",
         schedule_exponent: float = 4.0,
+        ramp: str | None = None,
         prune_mode: str | None = None,
         attention_clipping: bool | None = None,
         logit_l2: float | None = None,
@@ -140,8 +144,6 @@ class BlockSparsifier:
             raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
         if isinstance(min_blocks, bool) or not isinstance(min_blocks, int) or min_blocks < 0:
             raise ValueError(f"min_blocks must be an int >= 0, got {min_blocks!r}")
-        if not (isinstance(schedule_exponent, int | float) and schedule_exponent > 0):
-            raise ValueError(f"schedule_exponent must be > 0, got {schedule_exponent!r}")
         every = check_finite_every_n_steps
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(f"check_finite_every_n_steps must be an int >= 0, got {every!r}")
@@ -161,7 +163,7 @@ class BlockSparsifier:
         self._include = compile_patterns(self.include, "include")
         self._exclude = compile_patterns(self.exclude, "exclude")
         self.plan = PhasePlan.parse(plan, self.algorithm.plan_kind)
-        self.schedule_exponent = float(schedule_exponent)
+        self.ramp = Ramp(ramp or self.algorithm.default_ramp, schedule_exponent)
         self.reset_optimizer = reset_optimizer
         self.check_finite_every_n_steps = every
         self.sparsify_every_n_steps = sparsify_every_n_steps
@@ -171,10 +173,9 @@ class BlockSparsifier:
         self.lifecycle = Lifecycle.NEW
         self.layers: list[PrunedLayer] = []
         self.choices: list[LayerChoice] = []  # every weight of the prepared model: pruned, or why not
-        self.schedule: StepSchedule | None = None
+        self.cursor: PlanCursor | None = None  # laid out by start()
         self.steps_done = 0
-        self._segment_index: int | None = None
-        self._sparsify_start: list[float] = []
+        self._loaded_position: tuple[int | None, list[float]] | None = None
         self._optimizers: list[torch.optim.Optimizer] = []
         self._listeners: list[Listener] = []
         self._hooks: list[Any] = []
@@ -187,26 +188,30 @@ class BlockSparsifier:
         return self.algorithm.name
 
     @property
+    def schedule(self) -> StepSchedule | None:
+        """The plan laid over the training steps (``None`` before :meth:`start`)."""
+        return None if self.cursor is None else self.cursor.schedule
+
+    @property
+    def schedule_exponent(self) -> float:
+        return self.ramp.exponent
+
+    @property
     def phase(self) -> Phase | None:
         """The phase of the next forward pass (``None`` before :meth:`start`)."""
-        return None if self._segment_index is None else self.plan.segments[self._segment_index].phase
+        return None if self.cursor is None else self.cursor.phase
 
     @property
     def segment_index(self) -> int | None:
-        """Which entry of ``plan.segments`` the next forward pass is in (``None`` before :meth:`start`)."""
-        return self._segment_index
+        """Which segment of the resolved plan (``schedule.plan``) the next forward pass is in (``None`` before
+        :meth:`start`)."""
+        return None if self.cursor is None else self.cursor.segment_index
 
     def target_sparsity(self) -> float:
         """The sparsity the plan asks for at the current step (0 in dense phases)."""
-        if self.schedule is None or self._segment_index is None:
+        if self.cursor is None or self.cursor.segment_index is None:
             return 0.0
-        position = self.schedule.locate(self.steps_done)
-        if position.phase is Phase.DENSE:
-            return 0.0
-        if position.phase is Phase.SPARSE:
-            return self.sparsity
-        start = sum(self._sparsify_start) / max(1, len(self._sparsify_start))
-        return exponential_sparsity(position.tau, self.sparsity, self.schedule_exponent, start=start)
+        return self.cursor.target_sparsity(self.steps_done)
 
     def achieved_sparsity(self) -> float:
         """Fraction of blocks masked out, over all pruned layers."""
@@ -230,8 +235,10 @@ class BlockSparsifier:
             "include": list(self.include),
             "exclude": list(self.exclude),
             **self.algorithm.config(),
-            "plan": [list(pair) for pair in self.plan.to_pairs()],
+            "plan": self.plan.to_config(),
             "schedule_exponent": self.schedule_exponent,
+            # a ramp other than the algorithm's own only: checkpoints made before ramps existed still match
+            **({"ramp": self.ramp.kind} if self.ramp.kind != self.algorithm.default_ramp else {}),
             # the spec's defaults are left out, so that checkpoints made before these options existed still match
             **{k: getattr(self, k) for k, v in _SPARSIFIER_DEFAULTS.items() if getattr(self, k) != v},
             "layers": [layer.name for layer in self.layers],
@@ -277,7 +284,7 @@ class BlockSparsifier:
         ]
 
     def _emit(self, kind: str) -> None:
-        event = PruningEvent(kind, self.steps_done, self._segment_index, self.phase)  # type: ignore[arg-type]
+        event = PruningEvent(kind, self.steps_done, self.segment_index, self.phase)  # type: ignore[arg-type]
         for listener in self._listeners:
             listener(self, event)
 
@@ -320,7 +327,6 @@ class BlockSparsifier:
             reparam = self.algorithm.make_reparam(cand.layout, self.sparsity)
             self.layers.append(PrunedLayer.inject(cand.name, cand.module, cand.layout, reparam, cand.param_name))
         self.choices = choices
-        self._sparsify_start = [0.0] * len(self.layers)
         # torch tags hook objects, which bound methods do not allow: wrap them in functions
         self._hooks = [
             model.register_state_dict_post_hook(lambda *args: self._record_config(*args)),
@@ -367,12 +373,18 @@ class BlockSparsifier:
                 "the number of devices or the dataset size changed): the phase plan would shift under the saved "
                 "masks. Resume with the same training length, or start a new run."
             )
-        self.schedule = self.plan.resolve(total_steps)
-        empty = self.schedule.empty_segments()
-        if empty and self._segment_index is None:
+        schedule = self.plan.resolve(total_steps)
+        self.cursor = PlanCursor(schedule, self.sparsity, self.ramp, self.sparsify_every_n_steps)
+        resumed = self._loaded_position is not None
+        if resumed:
+            self.cursor.segment_index, self.cursor.ramp_start = self._loaded_position
+        elif is_rank_zero() and isinstance(self.plan, AutoPlan):
+            log.info("BlockPruning(%s): plan %s", self.algorithm.name, self.plan.describe(total_steps))
+        empty = schedule.empty_segments()
+        if empty and not resumed:
             rank_zero_warn(
-                f"BlockPruning: {len(empty)} of the plan's {len(self.plan.segments)} phases get no optimizer step "
-                f"in {total_steps} steps of training; they are skipped"
+                f"BlockPruning: {len(empty)} of the plan's {len(schedule.plan.segments)} phases get no optimizer "
+                f"step in {total_steps} steps of training; they are skipped"
             )
         self.lifecycle = Lifecycle.TRAINING
         self._advance(self.steps_done)
@@ -385,7 +397,7 @@ class BlockSparsifier:
     def step(self) -> None:
         """Call once per training step, after the optimizers stepped: moves the masks along the plan."""
         self._require(Lifecycle.TRAINING, action="step()")
-        assert self.schedule is not None
+        assert self.cursor is not None
         self.steps_done += 1
         if self.steps_done > self.schedule.total_steps and not self._warned_overrun:
             self._warned_overrun = True
@@ -475,48 +487,35 @@ class BlockSparsifier:
 
         Where a phase begins, the weights are checked for NaN and infinity first (unless ``checked``).
         """
-        assert self.schedule is not None
-        position = self.schedule.locate(step)
-        if position.index != self._segment_index:
+        cursor = self.cursor
+        assert cursor is not None
+        if (position := cursor.advance(step)) is not None:
             if not checked:
                 self.check_finite(f"at step {step}")
-            if self._segment_index is not None:  # a phase ended (not the start of training)
+            if cursor.segment_index is not None:  # a phase ended (not the start of training)
                 self._emit("phase_end")
                 if self.reset_optimizer:
                     for optimizer in self._optimizers:
                         optimizer.state.clear()
-            self._enter(position.phase, position.tau)
-            self._segment_index = position.index
+            self._enter(position)
+            cursor.entered(position)
             self._emit("phase_start")
-        elif position.phase is Phase.SPARSIFY and self._sparsify_now(step):
-            self._sparsify(position.tau)
+        elif (position := cursor.ramp_due(step)) is not None:
+            self._prune_to(cursor.ramp_targets(position.tau), regrowth=self.sparsify_regrowth)
         if self.algorithm.zeroes_pruned_weights:
             for layer in self.layers:
                 layer.zero_pruned_()
 
-    def _sparsify_now(self, step: int) -> bool:
-        """Whether the kept set moves at ``step`` of a sparsification phase (every n steps, and its last step)."""
-        assert self.schedule is not None
-        start, end = self.schedule.start(self._segment_index), self.schedule.ends[self._segment_index]
-        return (step - start) % self.sparsify_every_n_steps == 0 or step == end - 1
-
-    def _enter(self, phase: Phase, tau: float) -> None:
-        if phase is Phase.DENSE:
+    def _enter(self, position: Position) -> None:
+        if position.phase is Phase.DENSE:
             for layer in self.layers:
                 if layer.num_kept < layer.layout.num_blocks:
                     layer.set_mask(torch.ones_like(layer.mask))
-        elif phase is Phase.SPARSIFY:
-            self._sparsify_start = [1.0 - layer.num_kept / layer.layout.num_blocks for layer in self.layers]
-            self._sparsify(tau)
+        elif position.phase is Phase.SPARSIFY:
+            self.cursor.begin_ramp([1.0 - layer.num_kept / layer.layout.num_blocks for layer in self.layers])
+            self._prune_to(self.cursor.ramp_targets(position.tau), regrowth=self.sparsify_regrowth)
         else:
             self._prune_to([self.sparsity] * len(self.layers), regrowth=False)
-
-    def _sparsify(self, tau: float) -> None:
-        targets = [
-            exponential_sparsity(tau, self.sparsity, self.schedule_exponent, start=start)
-            for start in self._sparsify_start
-        ]
-        self._prune_to(targets, regrowth=self.sparsify_regrowth)
 
     def _scores(self, layer: PrunedLayer) -> Tensor:
         scores = self.algorithm.block_scores(layer)
@@ -587,8 +586,8 @@ class BlockSparsifier:
             "config": self.config(),
             "lifecycle": self.lifecycle.value,
             "steps_done": self.steps_done,
-            "segment_index": self._segment_index,
-            "sparsify_start": list(self._sparsify_start),
+            "segment_index": self.segment_index,
+            "sparsify_start": list(self.cursor.ramp_start) if self.cursor else [],
             "total_steps": self.schedule.total_steps if self.schedule is not None else self._saved_total_steps,
         }
 
@@ -612,8 +611,7 @@ class BlockSparsifier:
         self._require(Lifecycle.PREPARED, action="load_state_dict(state)")
         self.raise_on_config_difference(state_dict["config"])
         self.steps_done = int(state_dict["steps_done"])
-        self._segment_index = state_dict["segment_index"]
-        self._sparsify_start = list(state_dict["sparsify_start"])
+        self._loaded_position = (state_dict["segment_index"], list(state_dict["sparsify_start"]))
         self._saved_total_steps = state_dict.get("total_steps")
         for layer in self.layers:
             layer.refresh_kept_count()

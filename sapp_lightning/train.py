@@ -197,14 +197,15 @@ def _fit_and_report(cfg, trainer, module, datamodule, pruning, ckpt_path) -> dic
     test_metrics = _floats(trainer.test(module, datamodule=datamodule)[0]) if cfg.test else {}
 
     report = None
-    if pruning is not None:  # measured on the module: under ddp_spawn this process's callback never trained
+    if cfg.pruning.algorithm != "dense":  # measured on the module: under ddp_spawn this callback never trained
+        # (and a pruning callback of the user's own, with pruning=dense and its own algorithm name, is measured too)
         p = cfg.pruning
         report = block_sparsity(module, p.block_size, include=p.include, exclude=p.exclude, min_blocks=p.min_blocks)
         log.info("block sparsity after fit:\n%s", report.format())
     results = {
         "name": cfg.name,
         "algorithm": cfg.pruning.algorithm,
-        "sparsity": float(cfg.pruning.sparsity) if pruning else 0.0,
+        "sparsity": float(cfg.pruning.sparsity) if cfg.pruning.algorithm != "dense" else 0.0,
         "block_size": cfg.pruning.block_size,
         "seed": cfg.seed,
         "data": cfg.data._target_.rsplit(".", 1)[-1],

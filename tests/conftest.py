@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from sapp_lightning import BlockPruning
+from sapp_lightning import ALGORITHMS, BlockPruning
 
-ALGORITHM_IDS = ("sapp", "acdc", "magnitude", "powerprop")
+ALGORITHM_IDS = tuple(ALGORITHMS)  # every registered algorithm: a new one is tested without anyone listing it
 
 BLOCK = 4
 PRUNED = {"conv": 14, "fc1": 192}  # blocks per pruned layer; fc2 (6 blocks) stays dense with min_blocks=10

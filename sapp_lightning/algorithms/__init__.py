@@ -12,6 +12,7 @@ from .base import (
     get_algorithm,
     register,
 )
+from .gmp import GradualMagnitude
 from .magnitude import Magnitude
 from .powerprop import BlockPowerProp, PowerPropagation
 from .sapp import BlockAttention, SequentialAttentionPP
@@ -23,6 +24,7 @@ __all__ = [
     "BlockAttention",
     "BlockPowerProp",
     "BlockReparam",
+    "GradualMagnitude",
     "Magnitude",
     "PowerPropagation",
     "PrunedLayer",

@@ -221,7 +221,8 @@ def carries_block_pruning(module: nn.Module) -> bool:
 class PruningAlgorithm:
     """Base class: one subclass per method, holding its own knobs and what it adds to training.
 
-    Subclasses set ``plan_kind`` (which of the paper's plans they default to) and ``default_prune_mode``, and
+    Subclasses set ``plan_kind`` (which of the paper's plans they default to), ``default_prune_mode`` and
+    ``default_ramp``, and
     override :meth:`make_reparam` and/or :meth:`block_scores`. An algorithm with parameters of its own (SA++'s
     logits) also overrides :meth:`trainable_parameters`, :meth:`attach` and :meth:`before_optimizer_step`.
     One instance serves one sparsifier (the sparsifier copies the object it is given).
@@ -235,6 +236,8 @@ class PruningAlgorithm:
     name: ClassVar[str]
     plan_kind: ClassVar[str]
     default_prune_mode: ClassVar[PruneMode] = "zero"
+    #: how sparsity rises inside a sparsification phase (:class:`~sapp_lightning.schedules.Ramp`)
+    default_ramp: ClassVar[str] = "exponential"
     #: what :meth:`block_importance` calls the score (a label for plots and logs)
     importance_name: ClassVar[str] = "block norm"
 

@@ -64,9 +64,10 @@ METHOD_COLORS = {
     "magnitude": "#CC79A7",
     "powerprop": "#009E73",
     "acdc": "#0072B2",
+    "gmp": "#E69F00",
     "sapp": "#D55E00",
 }
-METHOD_MARKERS = {"dense": "s", "magnitude": "v", "powerprop": "^", "acdc": "o", "sapp": "D"}
+METHOD_MARKERS = {"dense": "s", "magnitude": "v", "powerprop": "^", "acdc": "o", "gmp": "P", "sapp": "D"}
 PHASE_NAMES = {0: "dense", 1: "sparsify", 2: "sparse"}
 # Opaque pale band colours (no alpha), so that a band's pixels have exactly this colour in the PNG.
 PHASE_COLORS = {0: "#e9e9e9", 1: "#fbe7b5", 2: "#d2e3f3"}
