@@ -109,7 +109,15 @@ ABLATIONS: dict[str, list[str]] = {
     "gradual_zero": ["pruning.plan={setup}:0", "pruning.prune_mode=zero"],
     "gradual_cubic": ["pruning.plan={setup}:0", "pruning.ramp=cubic"],
     "gradual_score_magnitude": ["pruning.plan={setup}:0", "pruning.score=magnitude"],
+    "gradual_logit_lr_x3": ["pruning.plan={setup}:0", "model.module.logit_lr_scale=3"],
     "gradual_logit_lr_x10": ["pruning.plan={setup}:0", "model.module.logit_lr_scale=10"],
+    "gradual_logit_lr_x30": ["pruning.plan={setup}:0", "model.module.logit_lr_scale=30"],
+    "gradual_logit_lr_x100": ["pruning.plan={setup}:0", "model.module.logit_lr_scale=100"],
+    "gradual_logit_lr_x10_score_magnitude": [
+        "pruning.plan={setup}:0",
+        "model.module.logit_lr_scale=10",
+        "pruning.score=magnitude",
+    ],
 }
 
 
@@ -395,7 +403,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--sparsities", type=float, nargs="+", help="default: the paper's for the part")
     p.add_argument("--blocks", type=int, nargs="+", help="default: 10 20 5 (ctr), 16 8 32 (images)")
-    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="dense is pruning=dense")
+    p.add_argument("--methods", nargs="*", default=[m for m in METHODS if m != "torch_ao_gmp"], choices=METHODS,
+                   help="dense is pruning=dense; torch_ao_gmp: torch.ao.pruning's (bench/torch_ao_gmp.py)")  # fmt: skip
     p.add_argument("--models", nargs="+", default=["mlp"], choices=MODELS, help="images: model=...")
     p.add_argument("--min-blocks", nargs="+", metavar="[B=]N", help="pruning.min_blocks, for every block size "
                    "or per block size (8=100 16=17); default: the recipe's (100)")  # fmt: skip

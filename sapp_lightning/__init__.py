@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import importlib
-import logging
 from typing import TYPE_CHECKING, Any
 
 from .algorithms import ALGORITHMS, PruningAlgorithm, register
@@ -53,13 +52,6 @@ __all__ = [
 ]
 
 __version__ = "0.2.0"
-
-# Like Lightning's own logger: the set-up summary is shown unless the application configures logging.
-_log = logging.getLogger(__name__)
-if not _log.handlers:
-    _log.addHandler(logging.StreamHandler())
-    _log.setLevel(logging.INFO)
-    _log.propagate = False
 
 
 def __getattr__(name: str) -> Any:

@@ -8,59 +8,44 @@ same code serves ``pytorch_lightning`` (:class:`BlockPruning`, here) and ``light
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 from torch import nn
 
-from .algorithms import PrunedLayer, PruningAlgorithm
-from .blocks import BlockSize
 from .events import Lifecycle, PruningEvent
-from .report import SparsityReport
-from .schedules import Phase, PhasePlan, StepSchedule
 from .sparsifier import BlockSparsifier
 
 
-def _from_sparsifier(name: str) -> Any:
-    return property(lambda self: getattr(self.sparsifier, name), doc=f"The sparsifier's ``{name}``.")
-
-
 class BlockPruningHooks:
-    """The hook bodies of :class:`BlockPruning`, for any Lightning ``Callback`` base class."""
+    """The hook bodies of :class:`BlockPruning`, for any Lightning ``Callback`` base class.
+
+    Holds a :class:`~sapp_lightning.BlockSparsifier` (``.sparsifier``), made from the arguments or given; its public
+    attributes and methods (``report()``, ``config()``, ``commit()``, ``layers``, ``phase``, ``plan``, ...) are read
+    through the callback too.
+    """
 
     def __init__(
         self,
-        algorithm: str | PruningAlgorithm,
-        sparsity: float,
-        block_size: BlockSize,
-        min_blocks: int = 100,
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] | None = None,
-        *,
-        plan: str | Sequence[Any] | PhasePlan = "imagenet",
-        schedule_exponent: float = 4.0,
-        ramp: str | None = None,
-        prune_mode: str | None = None,
-        reset_optimizer: bool = True,
-        attention_clipping: bool | None = None,
-        logit_l2: float | None = None,
+        *args: Any,
+        sparsifier: BlockSparsifier | None = None,
         verify_masks_across_ranks: bool = True,
-        check_finite_every_n_steps: int = 100,
         total_steps: int | None = None,
-        sparsify_every_n_steps: int = 1,
-        sparsify_regrowth: bool = False,
-        ranking: str = "layer",
-        **algorithm_options: Any,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
-        self.sparsifier = BlockSparsifier(
-            algorithm, sparsity, block_size, min_blocks, include, exclude, plan=plan,
-            schedule_exponent=schedule_exponent, ramp=ramp, prune_mode=prune_mode, reset_optimizer=reset_optimizer,
-            attention_clipping=attention_clipping, logit_l2=logit_l2,
-            check_finite_every_n_steps=check_finite_every_n_steps, sparsify_every_n_steps=sparsify_every_n_steps,
-            sparsify_regrowth=sparsify_regrowth, ranking=ranking, **algorithm_options,
-        )  # fmt: skip
+        if args and isinstance(args[0], BlockSparsifier):
+            sparsifier, args = args[0], args[1:]
+        if sparsifier is not None and (args or kwargs):
+            raise ValueError(
+                f"pass either a BlockSparsifier or its arguments to {type(self).__name__}, not both (got "
+                f"{', '.join([*map(repr, args), *kwargs])} beside it)"
+            )
+        self.sparsifier = sparsifier if sparsifier is not None else BlockSparsifier(*args, **kwargs)
+        self.sparsifier.owner = type(self).__name__
+        if self.sparsifier.lifecycle is not Lifecycle.NEW:
+            raise ValueError(f"{type(self).__name__} needs a new BlockSparsifier, got one that is already "
+                             f"{self.sparsifier.lifecycle.value}")  # fmt: skip
         if total_steps is not None and (
             isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
         ):
@@ -72,51 +57,21 @@ class BlockPruningHooks:
         self._last_global_step = -1
         self._epoch_batches = [0, 0]  # batches of this epoch seen, and those that stepped an optimizer
 
-    # --- what the sparsifier knows, under the callback's names ----------------------------------
+    def __getattr__(self, name: str) -> Any:
+        # only for names the callback lacks: the sparsifier's public state (report(), layers, phase, plan, ...)
+        sparsifier = self.__dict__.get("sparsifier")
+        if sparsifier is None or name.startswith("_"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(sparsifier, name)
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *(n for n in dir(self.sparsifier) if not n.startswith("_"))})
+
     @property
     def state_key(self) -> str:
         # One key whatever the arguments, so a checkpoint made with other arguments is found and
         # reported as a mismatch instead of being silently skipped.
         return "BlockPruning"
-
-    algorithm: PruningAlgorithm = _from_sparsifier("algorithm")
-    algorithm_name: str = _from_sparsifier("algorithm_name")
-    sparsity: float = _from_sparsifier("sparsity")
-    block_size: tuple[int, int] = _from_sparsifier("block_size")
-    min_blocks: int = _from_sparsifier("min_blocks")
-    include: list[str] = _from_sparsifier("include")
-    exclude: list[str] = _from_sparsifier("exclude")
-    plan: PhasePlan = _from_sparsifier("plan")
-    schedule_exponent: float = _from_sparsifier("schedule_exponent")
-    reset_optimizer: bool = _from_sparsifier("reset_optimizer")
-    check_finite_every_n_steps: int = _from_sparsifier("check_finite_every_n_steps")
-    layers: list[PrunedLayer] = _from_sparsifier("layers")
-    schedule: StepSchedule | None = _from_sparsifier("schedule")
-    phase: Phase | None = _from_sparsifier("phase")
-    segment_index: int | None = _from_sparsifier("segment_index")
-
-    def config(self) -> dict[str, Any]:
-        """The settings that must match for a checkpoint to resume (plain types only)."""
-        return self.sparsifier.config()
-
-    def report(self) -> SparsityReport:
-        """Block sparsity of the pruned layers, measured on their (effective) weights."""
-        return self.sparsifier.report()
-
-    def target_sparsity(self) -> float:
-        """The sparsity the plan asks for at the current step (0 in dense phases)."""
-        return self.sparsifier.target_sparsity()
-
-    def achieved_sparsity(self) -> float:
-        """Fraction of blocks masked out, over all pruned layers."""
-        return self.sparsifier.achieved_sparsity()
-
-    def commit(self) -> None:
-        """Fold masks (and SA++'s attention, PowerPropagation's scaling) into plain weights.
-
-        Called when ``trainer.fit`` returns; call it yourself after an interrupted fit. Idempotent.
-        """
-        self.sparsifier.commit()
 
     # --- set-up -------------------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
@@ -180,43 +135,46 @@ class BlockPruningHooks:
         # Only where Lightning will write step metrics: each LightningModule.log costs milliseconds.
         if trainer.loggers and trainer.log_every_n_steps and step % trainer.log_every_n_steps == 0:
             metrics = {
-                "pruning/sparsity": self.achieved_sparsity(),
-                "pruning/target_sparsity": self.target_sparsity(),
-                "pruning/phase": float(self.phase if self.phase is not None else 0),
+                "pruning/sparsity": self.sparsifier.achieved_sparsity(),
+                "pruning/target_sparsity": self.sparsifier.target_sparsity(),
+                "pruning/phase": float(self.sparsifier.phase if self.sparsifier.phase is not None else 0),
             }
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
 
     def _started_phase(self, trainer: Any, advance) -> None:
         """Run ``advance`` (start or step); where it began a phase, check that all ranks agree on the masks."""
-        before = self.segment_index
+        before = self.sparsifier.segment_index
         advance()
-        if self.segment_index != before:
-            assert self.phase is not None
-            self.verify_masks(trainer, f"at the start of phase {self.segment_index} ({self.phase.name.lower()})")
+        if self.sparsifier.segment_index != before:
+            phase = self.sparsifier.phase
+            assert phase is not None
+            self.verify_masks(trainer, f"at the start of phase {self.sparsifier.segment_index} ({phase.name.lower()})")
 
     def _check_steps_per_batch(self, trainer: Any, per_batch: int) -> None:
         """Manual optimization with several optimizers: ``max_steps`` counts each optimizer's step."""
+        planned = self.sparsifier.schedule.total_steps
         if self.total_steps is None and trainer.max_steps not in (-1, None):
             batches = math.ceil(trainer.max_steps / per_batch)
-            if batches < self.schedule.total_steps:
+            if batches < planned:
                 raise ValueError(
                     f"BlockPruning: each training batch steps {per_batch} optimizers, and "
                     f"max_steps={trainer.max_steps} counts every optimizer's step, so training ends after {batches} "
-                    f"batches while the phase plan was laid over {self.schedule.total_steps}. Set max_epochs instead "
+                    f"batches while the phase plan was laid over {planned}. Set max_epochs instead "
                     "of max_steps, or pass "
                     f"BlockPruning(total_steps={batches})."
                 )
 
     def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
         seen, stepped = self._epoch_batches
+        planned = self.sparsifier.schedule.total_steps if self.sparsifier.schedule else 0
         manual = not getattr(pl_module, "automatic_optimization", True)
         if manual and self.total_steps is None and 0 < stepped < seen and not trainer.should_stop:
             raise ValueError(
                 f"BlockPruning: under manual optimization Lightning counts every training batch as a step "
-                f"(estimated_stepping_batches = {self.schedule.total_steps}), but only {stepped} of the {seen} batches "
+                f"(estimated_stepping_batches = {planned}), but only {stepped} of the {seen} batches "
                 f"of epoch {trainer.current_epoch} stepped an optimizer: the phase plan would run past the end of "
                 f"training. Pass BlockPruning(total_steps=...) with the number of batches that step the optimizers "
-                f"(about {math.ceil(self.schedule.total_steps * stepped / seen)})."
+                f"(about {math.ceil(planned * stepped / seen)})."
             )
 
     def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
@@ -234,8 +192,8 @@ class BlockPruningHooks:
         trainer = self._trainer
         if event.kind != "phase_end" or trainer is None or not trainer.is_global_zero:
             return
-        metrics = {f"pruning/layer/{s.name}": s.sparsity for s in self.sparsifier.layer_states()}
-        metrics["pruning/sparsity"] = self.achieved_sparsity()
+        metrics = {f"pruning/layer/{name}": value for name, value in self.sparsifier.layer_sparsity().items()}
+        metrics["pruning/sparsity"] = self.sparsifier.achieved_sparsity()
         metrics["pruning/phase"] = float(event.phase if event.phase is not None else 0)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
@@ -262,11 +220,12 @@ class BlockPruning(BlockPruningHooks, pl.Callback):
     :class:`~sapp_lightning.BlockSparsifier` (``pruning.sparsifier``), which any other training loop can drive.
 
     Args:
-        algorithm, sparsity, block_size, min_blocks, include, exclude, plan, schedule_exponent, ramp, prune_mode,
-            reset_optimizer, attention_clipping, logit_l2, check_finite_every_n_steps, sparsify_every_n_steps,
-            sparsify_regrowth, ranking, **algorithm_options: as for :class:`~sapp_lightning.BlockSparsifier`.
-            ``algorithm`` is a name (``"sapp"``, ``"acdc"``, ``"magnitude"``, ``"powerprop"``, ``"gmp"``) or an object
-            such as ``SequentialAttentionPP(logit_l2=1e-4)``.
+        *args, **kwargs: a :class:`~sapp_lightning.BlockSparsifier`, or its arguments (``algorithm``, ``sparsity``,
+            ``block_size``, ``plan``, the algorithm's knobs, ...; see its documentation). ``algorithm`` is a name
+            (``"sapp"``, ``"acdc"``, ``"magnitude"``, ``"powerprop"``, ``"gmp"``) or an object such as
+            ``SequentialAttentionPP(logit_l2=1e-4)``. The sparsifier is ``pruning.sparsifier``; its public
+            attributes and methods (``report()``, ``config()``, ``commit()``, ``layers``, ``phase``) are read
+            through the callback as well.
         verify_masks_across_ranks: in distributed runs, compare mask checksums across ranks at every phase
             boundary and when training ends, and raise if they differ.
         total_steps: the number of training steps the plan is laid over (one per batch that steps the

@@ -11,7 +11,7 @@ import torch
 from .algorithms import build_algorithm
 from .algorithms.base import MASK_SUFFIX, algorithm_option_names
 from .blocks import BlockLayout
-from .sparsifier import METADATA_KEY
+from .compatibility import METADATA_KEY
 
 LEGACY_CONFIG_KEY = "_block_pruning_config"  # state_dict entry of sapp_lightning 0.1 checkpoints
 CALLBACK_STATE_KEY = "BlockPruning"

@@ -6,15 +6,22 @@ Pure torch. The caller supplies the gather (Lightning's ``trainer.strategy.all_g
 
 from __future__ import annotations
 
+import logging
+import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .algorithms import PrunedLayer
+
+class MaskedLayer(Protocol):
+    """What the check across ranks reads of a pruned layer."""
+
+    name: str
+    mask: Tensor
+
 
 AllGather = Callable[[Tensor], Tensor]  # (...) -> (world_size, ...)
 
@@ -58,13 +65,36 @@ def is_rank_zero() -> bool:
     return world_size() == 1 or torch.distributed.get_rank() == 0
 
 
+def rank_zero_info(logger: logging.Logger, message: str) -> None:
+    """Log ``message`` at INFO on rank zero. Where the application configured no logging at all (no handler from
+    ``logger`` up to the root, no level set on ``logger`` or its parents), it goes to stderr instead, as Python's
+    last-resort handler does for warnings: the set-up summary shows by default, and a configured application
+    decides (a library adds no handler of its own)."""
+    if not is_rank_zero():
+        return
+    configured = logger.hasHandlers() or any(
+        node.level != logging.NOTSET for node in _ancestors(logger) if node is not logging.root
+    )
+    if configured:
+        logger.info(message)
+    else:
+        print(message, file=sys.stderr)
+
+
+def _ancestors(logger: logging.Logger):
+    node: logging.Logger | None = logger
+    while node is not None:
+        yield node
+        node = node.parent  # type: ignore[assignment]
+
+
 def rank_zero_warn(message: str) -> None:
     """``warnings.warn`` on rank zero only (every rank sees the same thing)."""
     if is_rank_zero():
         warnings.warn(message, UserWarning, stacklevel=3)
 
 
-def verify_masks_agree(layers: Sequence[PrunedLayer], all_gather: AllGather, when: str, step: int) -> None:
+def verify_masks_agree(layers: Sequence[MaskedLayer], all_gather: AllGather, when: str, step: int, who: str) -> None:
     """Raise ``RuntimeError`` naming the layers whose masks differ between ranks (one gather, one host sync)."""
     if not layers:
         return
@@ -76,7 +106,7 @@ def verify_masks_agree(layers: Sequence[PrunedLayer], all_gather: AllGather, whe
     bad = [layers[i].name for i in differs.nonzero().flatten().tolist()]
     kept = {layers[i].name: gathered[:, i, 0].tolist() for i in differs.nonzero().flatten().tolist()}
     raise RuntimeError(
-        f"BlockPruning: the masks of layer(s) {', '.join(map(repr, bad))} differ across ranks {when} "
+        f"{who}: the masks of layer(s) {', '.join(map(repr, bad))} differ across ranks {when} "
         f"(step {step}; kept blocks on ranks 0..{gathered.shape[0] - 1}: {kept}). The ranks "
         "chose blocks from different weights or scores: every pruned parameter must be synchronized "
         "(DDP) and nothing may change it on one rank only."

@@ -47,9 +47,12 @@ class BlockPruningCallback(TrainerCallback):
     """
 
     def __init__(self, *args: Any, sparsifier: BlockSparsifier | None = None, **kwargs: Any) -> None:
+        if args and isinstance(args[0], BlockSparsifier):
+            sparsifier, args = args[0], args[1:]
         if sparsifier is not None and (args or kwargs):
-            raise ValueError("pass either a BlockSparsifier or its arguments, not both")
+            raise ValueError("pass either a BlockSparsifier or its arguments to BlockPruningCallback, not both")
         self.sparsifier = sparsifier if sparsifier is not None else BlockSparsifier(*args, **kwargs)
+        self.sparsifier.owner = type(self).__name__
 
     def on_init_end(self, args, state, control, model=None, **kwargs) -> None:
         if model is not None and self.sparsifier.lifecycle is Lifecycle.NEW:

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .validation import require_int
+
 _COVERAGE_TOLERANCE = 1e-6
 
 
@@ -220,8 +222,7 @@ class PhasePlan:
         if template is None:
             cycled = ", ".join(f"{s}_{k}" for s, k in _TEMPLATES)
             raise ValueError(f"{name!r} has no cycles to count; plans with cycles are {cycled}")
-        if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 0:
-            raise ValueError(f"the number of cycles must be an int >= 0, got {cycles!r}")
+        require_int("the number of cycles", cycles, 0)
         return cls.from_pairs(template.pairs(cycles), scale=100.0)
 
     @classmethod
@@ -239,7 +240,9 @@ class PhasePlan:
             if name == "auto" or name.endswith("_auto"):
                 setup = "imagenet" if name == "auto" else name.removesuffix("_auto")
                 if setup not in PLAN_SETUPS:
-                    raise ValueError(f"unknown phase plan {spec!r}; auto plans are 'auto', 'imagenet_auto', 'criteo_auto'")
+                    raise ValueError(
+                        f"unknown phase plan {spec!r}; auto plans are 'auto', 'imagenet_auto', 'criteo_auto'"
+                    )
                 return AutoPlan(kind, setup, int(count) if count else AUTO_MIN_PHASE_STEPS)
             name = f"{name}_{kind}" if name in PLAN_SETUPS else name
             return cls.cycled(name, int(count)) if count else cls.named(name)
@@ -286,8 +289,8 @@ class AutoPlan:
         >>> auto = AutoPlan("sapp")
         >>> [auto.cycles(steps) for steps in (100, 1_000, 100_000)]
         [0, 2, 6]
-        >>> auto.describe(1_000)
-        "auto: 2 of the paper's 6 (sparsify, sparse, dense) cycles, 100 steps per phase (1000 steps; a phase needs >= 100)"
+        >>> print(auto.describe(1_000))
+        auto, 1000 steps: 2 of the paper's 6 (sparsify, sparse, dense) cycles of 100-step phases (at least 100)
     """
 
     kind: str = "sapp"
@@ -297,8 +300,7 @@ class AutoPlan:
     def __post_init__(self) -> None:
         if self.setup not in PLAN_SETUPS:
             raise ValueError(f"AutoPlan setup must be one of {', '.join(PLAN_SETUPS)}, got {self.setup!r}")
-        if isinstance(self.min_phase_steps, bool) or not isinstance(self.min_phase_steps, int) or self.min_phase_steps < 1:
-            raise ValueError(f"min_phase_steps must be an int >= 1, got {self.min_phase_steps!r}")
+        require_int("min_phase_steps", self.min_phase_steps, 1)
 
     @property
     def _template(self) -> _Template | None:
@@ -310,7 +312,7 @@ class AutoPlan:
         if template is None:
             return 0
         per_cycle = len(template.unit) * self.min_phase_steps
-        return min(template.paper_cycles, int(template.middle / 100 * total_steps // per_cycle))
+        return min(template.paper_cycles, int(template.middle * total_steps // (100 * per_cycle)))
 
     def plan_for(self, total_steps: int) -> PhasePlan:
         if self._template is None:
@@ -324,16 +326,17 @@ class AutoPlan:
         """What this plan picks for ``total_steps``, in words (the sparsifier logs it when training starts)."""
         template = self._template
         if template is None:
-            return f"auto: the {self.setup}_{self.kind} plan (no cycles to choose)"
+            return f"auto, {total_steps} steps: the {self.setup}_{self.kind} plan (no cycles to choose)"
         cycles = self.cycles(total_steps)
         unit = ", ".join(template.unit)
-        head = f"auto: {cycles} of the paper's {template.paper_cycles} ({unit}) cycles"
+        text = f"auto, {total_steps} steps: {cycles} of the paper's {template.paper_cycles} ({unit})"
         if cycles:
             per_phase = round(template.middle / 100 * total_steps / (cycles * len(template.unit)))
-            head += f", {per_phase} steps per phase"
-        elif template.absorb == "tail":
-            head += f": one ramp over {template.middle + template.tail[0][1]:g}% of training"
-        return f"{head} ({total_steps} steps; a phase needs >= {self.min_phase_steps})"
+            return f"{text} cycles of {per_phase}-step phases (at least {self.min_phase_steps})"
+        text += f" cycles (a phase needs {self.min_phase_steps} steps)"
+        if template.absorb == "tail":
+            return f"{text}: one ramp over {template.middle + template.tail[0][1]:g}% of training"
+        return f"{text}: dense until the last {sum(f for _, f in template.tail):g}% of training"
 
     def to_config(self) -> str:
         """The spelling :meth:`PhasePlan.parse` reads back (``"auto"``, ``"criteo_auto:50"``)."""

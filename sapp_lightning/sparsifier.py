@@ -38,36 +38,30 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import health
 from .algorithms import PrunedLayer, PruningAlgorithm, build_algorithm, carries_block_pruning
 from .blocks import BlockSize, keep_count, normalize_block_size, top_k_mask
-from .distributed import AllGather, is_rank_zero, rank_zero_warn, torch_all_gather, verify_masks_agree, world_size
+from .compatibility import (
+    METADATA_KEY,
+    STATE_VERSION,
+    check_incoming_model_state,
+    check_saved_state,
+    raise_on_config_difference,
+)
+from .distributed import AllGather, rank_zero_info, rank_zero_warn, torch_all_gather, verify_masks_agree, world_size
 from .events import LayerState, Lifecycle, PruningEvent
 from .report import SparsityReport, measure_layer
 from .schedules import AutoPlan, Phase, PhasePlan, PlanCursor, Position, Ramp, StepSchedule
 from .targets import LayerChoice, choose_layers, compile_patterns, format_choices
+from .validation import require_choice, require_int
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2
 _SPARSIFIER_DEFAULTS = {"sparsify_every_n_steps": 1, "sparsify_regrowth": False, "ranking": "layer"}
-#: where a prepared model's ``state_dict()`` records the configuration: its metadata, not an entry
-METADATA_KEY = "sapp_lightning.block_pruning"
+__all__ = ["BlockSparsifier", "unwrap_optimizer"]
 
 
 Listener = Callable[["BlockSparsifier", PruningEvent], None]
-
-
-def _likely_cause(found: list[tuple[str, str, Tensor]]) -> str:
-    """What to try for the non-finite tensors ``(layer, what, tensor)``, from what they are."""
-    tensors = [t.detach() for *_, t in found]
-    if any(t.dtype == torch.float16 and bool(torch.isinf(t).any()) for t in tensors):
-        return "float16 overflowed (its largest value is 65504): train in bf16-mixed or 32-true, or scale the loss"
-    if all(what == "attention logits" for _, what, _ in found):
-        return (
-            "only SA++'s attention logits diverged: lower their learning rate or give them an L2 term "
-            "(logit_l2); the weights are finite"
-        )
-    return "training diverged (lower the learning rate, clip gradients, or check the data)"
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -98,11 +92,11 @@ class BlockSparsifier:
         schedule_exponent: ``c`` of the exponential ramp.
         ramp: how sparsity rises inside a sparsification phase: ``"exponential"`` (SA++'s, exponent
             ``schedule_exponent``) or ``"cubic"`` (gradual magnitude pruning's); ``None``: the algorithm's own.
-        prune_mode, attention_clipping, logit_l2, **algorithm_options: the algorithm's knobs when ``algorithm`` is
-            a name (see :class:`~sapp_lightning.algorithms.SequentialAttentionPP` and
-            :class:`~sapp_lightning.algorithms.PowerPropagation`); ``None`` keeps the algorithm's default, a knob
-            the named algorithm does not have is ignored (one configuration serves a sweep over algorithms), and
-            one that no algorithm has is refused.
+        **algorithm_options: the algorithm's knobs when ``algorithm`` is a name: ``prune_mode`` for every one,
+            SA++'s (:class:`~sapp_lightning.algorithms.SequentialAttentionPP`: ``attention_clipping``, ``logit_l2``,
+            ...) and PowerPropagation's ``alpha``; ``None`` keeps the algorithm's default, a knob the named
+            algorithm does not have is ignored (one configuration serves a sweep over algorithms), and one that no
+            algorithm has is refused.
         reset_optimizer: clear the attached optimizers' state (momentum, Adam moments) at every phase boundary.
         check_finite_every_n_steps: every this many steps, check the pruned weights (and SA++'s logits) for NaN
             and infinity; they are also checked at every phase boundary and at the end. ``0``: only those.
@@ -126,9 +120,6 @@ class BlockSparsifier:
         plan: str | Sequence[Any] | PhasePlan | AutoPlan = "imagenet",
         schedule_exponent: float = 4.0,
         ramp: str | None = None,
-        prune_mode: str | None = None,
-        attention_clipping: bool | None = None,
-        logit_l2: float | None = None,
         reset_optimizer: bool = True,
         check_finite_every_n_steps: int = 100,
         sparsify_every_n_steps: int = 1,
@@ -136,28 +127,12 @@ class BlockSparsifier:
         ranking: str = "layer",
         **algorithm_options: Any,
     ) -> None:
-        self.algorithm = build_algorithm(
-            algorithm, prune_mode=prune_mode, attention_clipping=attention_clipping, logit_l2=logit_l2,
-            **algorithm_options,
-        )  # fmt: skip
+        self.algorithm = build_algorithm(algorithm, **algorithm_options)
         if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-        if isinstance(min_blocks, bool) or not isinstance(min_blocks, int) or min_blocks < 0:
-            raise ValueError(f"min_blocks must be an int >= 0, got {min_blocks!r}")
-        every = check_finite_every_n_steps
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise ValueError(f"check_finite_every_n_steps must be an int >= 0, got {every!r}")
-        if (
-            isinstance(sparsify_every_n_steps, bool)
-            or not isinstance(sparsify_every_n_steps, int)
-            or (sparsify_every_n_steps < 1)
-        ):
-            raise ValueError(f"sparsify_every_n_steps must be an int >= 1, got {sparsify_every_n_steps!r}")
-        if ranking not in ("layer", "global"):
-            raise ValueError(f"ranking must be 'layer' or 'global', got {ranking!r}")
         self.sparsity = float(sparsity)
         self.block_size = normalize_block_size(block_size)
-        self.min_blocks = min_blocks
+        self.min_blocks = require_int("min_blocks", min_blocks, 0)
         self.include = [include] if isinstance(include, str) else list(include or [])
         self.exclude = [exclude] if isinstance(exclude, str) else list(exclude or [])
         self._include = compile_patterns(self.include, "include")
@@ -165,11 +140,13 @@ class BlockSparsifier:
         self.plan = PhasePlan.parse(plan, self.algorithm.plan_kind)
         self.ramp = Ramp(ramp or self.algorithm.default_ramp, schedule_exponent)
         self.reset_optimizer = reset_optimizer
-        self.check_finite_every_n_steps = every
-        self.sparsify_every_n_steps = sparsify_every_n_steps
+        self.check_finite_every_n_steps = require_int("check_finite_every_n_steps", check_finite_every_n_steps, 0)
+        self.sparsify_every_n_steps = require_int("sparsify_every_n_steps", sparsify_every_n_steps, 1)
         self.sparsify_regrowth = bool(sparsify_regrowth)
-        self.ranking = ranking
+        self.ranking = require_choice("ranking", ranking, ("layer", "global"))
 
+        #: the class the user built, named in messages (the Lightning and Hugging Face callbacks set theirs)
+        self.owner = "BlockSparsifier"
         self.lifecycle = Lifecycle.NEW
         self.layers: list[PrunedLayer] = []
         self.choices: list[LayerChoice] = []  # every weight of the prepared model: pruned, or why not
@@ -212,6 +189,10 @@ class BlockSparsifier:
         if self.cursor is None or self.cursor.segment_index is None:
             return 0.0
         return self.cursor.target_sparsity(self.steps_done)
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """Each pruned layer's fraction of masked blocks, from the kept counts (no tensor is read)."""
+        return {layer.name: 1.0 - layer.num_kept / layer.layout.num_blocks for layer in self.layers}
 
     def achieved_sparsity(self) -> float:
         """Fraction of blocks masked out, over all pruned layers."""
@@ -257,7 +238,7 @@ class BlockSparsifier:
         and, for each one left dense, why (depthwise, under ``min_blocks``, excluded, tied, unsupported type)."""
         dense = [c for c in self.choices if not c.pruned]
         text = (
-            f"BlockPruning({self.algorithm.name}): pruning {len(self.layers)} layer(s) to {self.sparsity:.1%} block "
+            f"{self.owner}({self.algorithm.name}): pruning {len(self.layers)} layer(s) to {self.sparsity:.1%} block "
             f"sparsity with {self.block_size[0]}x{self.block_size[1]} blocks"
             + (f"; {len(dense)} weight(s) stay dense" if dense else "")
         )
@@ -315,6 +296,7 @@ class BlockSparsifier:
             self._exclude,
             refuse_tied=refuse_tied,
             cannot_train=algorithm.cannot_train,
+            who=self.owner,
         )
         already = [c.name for c in chosen if carries_block_pruning(c.module)]
         if already:
@@ -322,7 +304,7 @@ class BlockSparsifier:
                 f"layer(s) {', '.join(map(repr, already))} already carry the masks of another BlockPruning (from a "
                 "fit that did not finish?); call that callback's commit() first, or start from a fresh model"
             )
-        self._warn_on_layers_that_stay_dense(chosen)
+        health.warn_on_layers_that_stay_dense(chosen, self.sparsity, self.owner)
         for cand in chosen:
             reparam = self.algorithm.make_reparam(cand.layout, self.sparsity)
             self.layers.append(PrunedLayer.inject(cand.name, cand.module, cand.layout, reparam, cand.param_name))
@@ -333,22 +315,8 @@ class BlockSparsifier:
             model.register_load_state_dict_pre_hook(lambda *args: self._check_incoming_state(*args)),
         ]
         self.lifecycle = Lifecycle.PREPARED
-        if is_rank_zero():
-            log.info(self.summary())
+        rank_zero_info(log, self.summary())
         return self.layers
-
-    def _warn_on_layers_that_stay_dense(self, chosen) -> None:
-        if self.sparsity <= 0:
-            return
-        dense = [c for c in chosen if keep_count(c.layout.num_blocks, self.sparsity) >= c.layout.num_blocks]
-        if dense:
-            listed = ", ".join(f"{c.name} ({c.layout.num_blocks} blocks)" for c in dense[:10])
-            more = f" and {len(dense) - 10} more" if len(dense) > 10 else ""
-            rank_zero_warn(
-                f"BlockPruning: sparsity {self.sparsity:g} rounds to 0 pruned blocks in {len(dense)} of the "
-                f"{len(chosen)} pruned layer(s), which stay dense: {listed}{more}. A layer of N blocks loses "
-                "a block from sparsity 1/N on: raise sparsity, use smaller blocks, or exclude those layers."
-            )
 
     def attach(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         """Hand over the optimizers: they are reset at phase boundaries and train the algorithm's parameters.
@@ -363,8 +331,7 @@ class BlockSparsifier:
         """Lay the plan over ``total_steps`` training steps (one per batch that steps the optimizers) and bring
         the masks to where the plan puts step :attr:`steps_done` (0, or where a loaded state left off)."""
         self._require(Lifecycle.PREPARED, action="start(total_steps)")
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps must be an int >= 1 (the number of training steps), got {total_steps!r}")
+        require_int("total_steps", total_steps, 1)
         saved = self._saved_total_steps
         if saved is not None and saved != total_steps:
             raise ValueError(
@@ -378,12 +345,12 @@ class BlockSparsifier:
         resumed = self._loaded_position is not None
         if resumed:
             self.cursor.segment_index, self.cursor.ramp_start = self._loaded_position
-        elif is_rank_zero() and isinstance(self.plan, AutoPlan):
-            log.info("BlockPruning(%s): plan %s", self.algorithm.name, self.plan.describe(total_steps))
+        elif isinstance(self.plan, AutoPlan):
+            rank_zero_info(log, f"{self.owner}({self.algorithm.name}): plan {self.plan.describe(total_steps)}")
         empty = schedule.empty_segments()
         if empty and not resumed:
             rank_zero_warn(
-                f"BlockPruning: {len(empty)} of the plan's {len(schedule.plan.segments)} phases get no optimizer "
+                f"{self.owner}: {len(empty)} of the plan's {len(schedule.plan.segments)} phases get no optimizer "
                 f"step in {total_steps} steps of training; they are skipped"
             )
         self.lifecycle = Lifecycle.TRAINING
@@ -402,7 +369,7 @@ class BlockSparsifier:
         if self.steps_done > self.schedule.total_steps and not self._warned_overrun:
             self._warned_overrun = True
             rank_zero_warn(
-                f"BlockPruning: training goes on past the {self.schedule.total_steps} steps the phase plan was laid "
+                f"{self.owner}: training goes on past the {self.schedule.total_steps} steps the phase plan was laid "
                 "over: the plan finished early and the rest of training stays in its last phase. Give the real "
                 "number of training steps (one per batch that steps the optimizers)."
             )
@@ -421,53 +388,19 @@ class BlockSparsifier:
         if self.lifecycle in (Lifecycle.NEW, Lifecycle.COMMITTED):
             return
         self._emit("commit")
-        short = [
-            f"{layer.name} keeps {layer.num_kept} of {layer.layout.num_blocks} (target {target})"
-            for layer in self.layers
-            if layer.num_kept > (target := keep_count(layer.layout.num_blocks, self.sparsity))
-        ]
-        stopped = self.schedule is not None and self.steps_done < self.schedule.total_steps
+        planned = self.cursor.schedule.total_steps if self.cursor is not None else None
+        if planned is not None and self.steps_done < planned:
+            where = f"training stopped after {self.steps_done} of the {planned} steps of the plan"
+        else:
+            where = "stopped before the plan's final sparse phase?"
+        health.warn_when_short_of_target(self.layers, self.sparsity, where, self.owner)
         for layer in self.layers:
             layer.commit()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
         self.lifecycle = Lifecycle.COMMITTED
-        if short:
-            where = (
-                f"training stopped after {self.steps_done} of the {self.schedule.total_steps} steps of the plan"
-                if stopped
-                else "stopped before the plan's final sparse phase?"
-            )
-            rank_zero_warn(
-                f"BlockPruning: training ended at {self.achieved_sparsity():.2%} block sparsity, below the target "
-                f"{self.sparsity:.2%}: {'; '.join(short[:10])} ({where})"
-            )
-        self._warn_on_dead_blocks()
-
-    def _warn_on_dead_blocks(self) -> None:
-        # committed pruned blocks are exact zeros, so any zero block beyond them is a kept one
-        dead = {
-            layer.name: (zeros, layer.num_kept)
-            for layer, measured in zip(self.layers, self.report().layers)
-            if (zeros := measured.zero_blocks - (layer.layout.num_blocks - layer.num_kept))
-        }
-        if not dead:
-            return
-        hint = (
-            " In prune_mode='zero' a unit whose incoming blocks were all pruned can stop receiving gradient "
-            "(with ReLU and a bias <= 0 it outputs 0), so its blocks never regrow; prune_mode='mask' keeps "
-            "their values."
-            if self.algorithm.zeroes_pruned_weights
-            else ""
-        )
-        rank_zero_warn(
-            f"BlockPruning: {sum(n for n, _ in dead.values())} kept blocks are all zero after training, so the "
-            "model is sparser than asked and those blocks are wasted: "
-            + "; ".join(f"{name}: {n} of {kept}" for name, (n, kept) in list(dead.items())[:10])
-            + "."
-            + hint
-        )
+        health.warn_on_dead_blocks(self.layers, self.algorithm.zeroes_pruned_weights, self.owner)
 
     def mark_failed(self) -> None:
         """Training stopped with an exception: the model keeps its masks until :meth:`commit`."""
@@ -519,13 +452,7 @@ class BlockSparsifier:
 
     def _scores(self, layer: PrunedLayer) -> Tensor:
         scores = self.algorithm.block_scores(layer)
-        if not torch.isfinite(scores).all():
-            raise FloatingPointError(
-                f"BlockPruning: layer {layer.name!r} has NaN or infinite block scores "
-                f"({'attention logits' if self.algorithm.importance_name == 'attention' else 'weights'}); "
-                "training diverged"
-            )
-        return scores
+        return health.check_scores(layer, scores, self.algorithm.importance_name, self.owner)
 
     def _prune_to(self, sparsities: list[float], regrowth: bool) -> None:
         """Bring each layer to its target sparsity, dropping the lowest scores first: per layer, or in one
@@ -555,19 +482,7 @@ class BlockSparsifier:
     # --- checks -------------------------------------------------------------------------------
     def check_finite(self, when: str) -> None:
         """Raise ``FloatingPointError`` naming the layers whose weights or logits hold NaN or infinity."""
-        tensors = []
-        for layer in self.layers:
-            tensors.append((layer.name, "weight", layer.raw_weight))
-            tensors += [(layer.name, "attention logits", p) for p in self.algorithm.trainable_parameters(layer)]
-        if not tensors:
-            return
-        device = tensors[0][2].device
-        finite = torch.stack([torch.isfinite(t.detach()).all().to(device) for *_, t in tensors])
-        if bool(finite.all()):  # the one host sync
-            return
-        found = [(name, what, t) for (name, what, t), ok in zip(tensors, finite.tolist()) if not ok]
-        bad = ", ".join(f"{name!r} ({what})" for name, what, _ in found)
-        raise FloatingPointError(f"BlockPruning: NaN or infinite values {when} in layer {bad}; {_likely_cause(found)}")
+        health.check_finite(self.layers, self.algorithm, when, self.owner)
 
     def verify_masks(self, when: str, all_gather: AllGather | None = None) -> None:
         """Raise ``RuntimeError`` if the masks differ across ranks. ``all_gather`` defaults to
@@ -576,7 +491,7 @@ class BlockSparsifier:
             if world_size() <= 1:
                 return
             all_gather = torch_all_gather
-        verify_masks_agree(self.layers, all_gather, when, self.steps_done)
+        verify_masks_agree(self.layers, all_gather, when, self.steps_done, self.owner)
 
     # --- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -596,60 +511,17 @@ class BlockSparsifier:
 
         Refuses a state written with another configuration, naming each difference.
         """
-        if state_dict.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"unsupported BlockPruning checkpoint state version {state_dict.get('version')!r} (this version "
-                f"reads {STATE_VERSION}); finish that run with the sapp_lightning that wrote it, or turn the "
-                "checkpoint into plain weights with committed_state_dict"
-            )
-        if state_dict.get("lifecycle") == Lifecycle.COMMITTED.value:
-            raise ValueError(
-                "this checkpoint was saved after BlockPruning committed the weights when fit returned: the run is "
-                "finished and cannot be resumed. Its state_dict holds plain pruned weights (load them with "
-                "model.load_state_dict); resume from a checkpoint written during training instead"
-            )
+        check_saved_state(state_dict)
         self._require(Lifecycle.PREPARED, action="load_state_dict(state)")
-        self.raise_on_config_difference(state_dict["config"])
+        raise_on_config_difference(state_dict["config"], self.config())
         self.steps_done = int(state_dict["steps_done"])
         self._loaded_position = (state_dict["segment_index"], list(state_dict["sparsify_start"]))
         self._saved_total_steps = state_dict.get("total_steps")
         for layer in self.layers:
             layer.refresh_kept_count()
 
-    def raise_on_config_difference(self, saved: dict[str, Any]) -> None:
-        ours = self.config()
-        keys = [*ours, *(key for key in saved if key not in ours)]  # a knob left at its default is not listed
-        diffs = [
-            f"{key}: checkpoint {saved.get(key)!r}, this callback {ours.get(key)!r}"
-            for key in keys
-            if saved.get(key) != ours.get(key)
-        ]
-        if diffs:
-            raise ValueError(
-                "the checkpoint was written with a different BlockPruning configuration; "
-                + "; ".join(diffs)
-                + ". Resume with the same settings, or start a new run."
-            )
-
     def _record_config(self, module, state_dict, prefix, local_metadata) -> None:
         local_metadata[METADATA_KEY] = self.config()
 
     def _check_incoming_state(self, module, state_dict, prefix, local_metadata, *args) -> None:
-        saved = local_metadata.get(METADATA_KEY)
-        if saved is not None:
-            self.raise_on_config_difference(saved)
-            return
-        expected = [key for layer in self.layers for key in layer.state_keys(_layer_prefix(prefix, layer.name))]
-        if not any(key in state_dict for key in expected):
-            raise ValueError(
-                "the model is being trained with BlockPruning, but this state_dict holds no BlockPruning "
-                "configuration (no masks for the pruned layers): it was saved by a run without BlockPruning, or "
-                "after BlockPruning committed the weights when fit returned (a finished run, which cannot be "
-                "resumed). Load such plain weights into the model before training (model.load_state_dict or "
-                "Model.load_from_checkpoint) to start a new run from them, or resume from a checkpoint written "
-                "during training (e.g. ModelCheckpoint's last.ckpt)"
-            )
-
-
-def _layer_prefix(prefix: str, name: str) -> str:
-    return f"{prefix}{name}." if name else prefix
+        check_incoming_model_state(state_dict, prefix, local_metadata, self.layers, self.config())

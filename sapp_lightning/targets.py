@@ -163,6 +163,7 @@ def choose_layers(
     exclude: Sequence[re.Pattern] = (),
     refuse_tied: str | None = None,
     cannot_train: Callable[[Tensor], str | None] | None = None,
+    who: str = "BlockSparsifier",
 ) -> tuple[list[Candidate], list[LayerChoice]]:
     """:func:`survey`, deciding on tied weights and refusing a model with nothing to prune.
 
@@ -178,7 +179,7 @@ def choose_layers(
         chosen = [c for c in chosen if _label(c) not in untrainable]
         choices = [LayerChoice(c.name, c.type_name, c.layout, untrainable.get(c.name, c.reason)) for c in choices]
         listed = "; ".join(f"{name} ({why})" for name, why in untrainable.items())
-        rank_zero_warn(f"BlockPruning: these weights stay dense: {listed}")
+        rank_zero_warn(f"{who}: these weights stay dense: {listed}")
     if tied and include:  # the user named a tied weight
         if refuse_tied is not None:
             owners = ", ".join(c.reason.removeprefix("tied with ") for c in choices if c.name == tied[0].name)
@@ -198,7 +199,7 @@ def choose_layers(
     elif tied:
         listed = "; ".join(f"{c.name} ({c.reason})" for c in choices if c.reason and c.reason.startswith("tied"))
         rank_zero_warn(
-            f"BlockPruning: tied weights stay dense: {listed}. To prune one, include it by name (include=[...]): "
+            f"{who}: tied weights stay dense: {listed}. To prune one, include it by name (include=[...]): "
             "acdc and magnitude with prune_mode='zero' prune it once for all its owners"
         )
     if not chosen and untrainable:

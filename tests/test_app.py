@@ -31,7 +31,7 @@ def compose_cfg(overrides: list[str], output_dir: Path):
 
 def test_there_are_recipes_and_pruning_options():
     assert {"resnet50_imagenet", "criteo_paper", "criteo_table2", "imagenet_table1", "movielens_ctr"} <= set(RECIPES)
-    assert PRUNINGS == ["acdc", "dense", "magnitude", "powerprop", "sapp"]
+    assert PRUNINGS == ["acdc", "dense", "gmp", "magnitude", "powerprop", "sapp"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

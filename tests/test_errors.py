@@ -30,9 +30,9 @@ from torch import nn
 from sapp_lightning import BlockPruning, BlockSparsifier, block_sparsity, keep_count
 
 
-def test_unknown_algorithm_lists_the_four():
+def test_unknown_algorithm_lists_every_registered_one():
     with pytest.raises(
-        ValueError, match="unknown algorithm 'sa'; expected one of 'acdc', 'magnitude', 'powerprop', 'sapp'"
+        ValueError, match="unknown algorithm 'sa'; expected one of 'acdc', 'gmp', 'magnitude', 'powerprop', 'sapp'"
     ):
         BlockPruning("sa", sparsity=0.5, block_size=4)
 
@@ -451,3 +451,16 @@ def test_powerprop_names_an_all_zero_attention_input_projection_by_its_parameter
         sparsifier.prepare(model)
     assert [layer.name for layer in sparsifier.layers] == ["attn.out_proj", "fc"]
     assert {c.name: c.reason for c in sparsifier.choices}["attn.in_proj_weight"].startswith("all zero")
+
+
+def test_a_callback_takes_a_sparsifier_or_its_arguments_not_both():
+    sparsifier = BlockSparsifier("acdc", sparsity=0.5, block_size=4)
+    with pytest.raises(ValueError, match="pass either a BlockSparsifier or its arguments to BlockPruning, not both"):
+        BlockPruning(sparsifier, sparsity=0.9)
+
+
+def test_a_callback_refuses_a_sparsifier_that_already_pruned_a_model():
+    sparsifier = BlockSparsifier("acdc", sparsity=0.5, block_size=4, min_blocks=1)
+    sparsifier.prepare(torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    with pytest.raises(ValueError, match="BlockPruning needs a new BlockSparsifier, got one that is already prepared"):
+        BlockPruning(sparsifier)

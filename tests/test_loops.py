@@ -282,3 +282,15 @@ def test_listeners_hear_every_phase_and_see_masks_and_attention(tmp_path):
     assert kinds == [starts[0], *[x for pair in zip(ends, starts[1:]) for x in pair], ("commit", STEPS, 4)]
     assert heard[-1][3] == EXPECTED_KEPT  # the final masks, before the commit folds them in
     assert heard[2][3] == list(PRUNED.values())  # phase 1 (sparsify) starts from all blocks
+
+
+def test_the_callback_drives_a_sparsifier_it_is_given_and_reads_through_to_it(tmp_path):
+    sparsifier = BlockSparsifier("acdc", sparsity=0.5, block_size=BLOCK, min_blocks=10, plan=PLAN)
+    callback = BlockPruning(sparsifier, total_steps=STEPS)
+    assert callback.sparsifier is sparsifier
+    trainer = make_trainer(tmp_path, [callback])
+    torch.manual_seed(0)
+    trainer.fit(TinyNet(), tiny_loader())
+    assert callback.report().zero_blocks == sparsifier.report().zero_blocks == sum(PRUNED.values()) // 2
+    assert (callback.layers, callback.plan, callback.phase) == (sparsifier.layers, sparsifier.plan, sparsifier.phase)
+    assert "achieved_sparsity" in dir(callback)

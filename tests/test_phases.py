@@ -118,6 +118,35 @@ def test_sapp_sparsification_follows_the_exponential_schedule_and_only_shrinks(t
     assert first_sparse["kept"] == [keep_count(n, 0.9) for n in PRUNED.values()]
 
 
+def test_gmp_follows_the_cubic_ramp_then_fine_tunes_at_the_final_mask(tmp_path):
+    _, callback, _, probe, _ = fit(tmp_path, "gmp", sparsity=0.9)  # its own plan: imagenet_gmp
+    schedule = callback.schedule
+    assert [round(seg.fraction, 2) for seg in schedule.plan.segments] == [0.1, 0.75, 0.15]
+    assert schedule.ends == (8, 68, 80)
+    from sapp_lightning.schedules import cubic_sparsity
+
+    rows = {row["step"]: row for row in probe.rows}  # state after step n = the masks of step n's forward
+    for step in (8, 20, 38, 67):  # the ramp's first step, inside it, and its last
+        tau = schedule.locate(step).tau
+        expected = [keep_count(n, cubic_sparsity(tau, 0.9)) for n in PRUNED.values()]
+        assert rows[step]["kept"] == expected, step
+        assert rows[step]["target"] == pytest.approx(cubic_sparsity(tau, 0.9))
+    assert rows[20]["kept"] == [8, 107]  # tau = 12/59: 1 - (1 - tau)^3 = 49.4% of the way to 90%
+    ramp = [rows[step] for step in range(8, 68)]
+    for before, after in zip(ramp, ramp[1:]):  # masks re-chosen every step, among the blocks still kept
+        assert all(not (b & ~a).any() for a, b in zip(before["masks"], after["masks"]))
+    final = rows[67]["masks"]
+    for step in range(68, 80):  # the fine-tuning keeps the final mask
+        assert all(torch.equal(a, b) for a, b in zip(rows[step]["masks"], final))
+    assert rows[79]["kept"] == [keep_count(n, 0.9) for n in PRUNED.values()]
+
+
+def test_gmp_zeroes_pruned_blocks_in_place_and_adds_nothing_to_the_forward(tmp_path):
+    model, callback, _, probe, _ = fit(tmp_path, "gmp", sparsity=0.5)
+    assert not callback.algorithm.reparametrizes
+    assert block_sparsity(model, BLOCK, min_blocks=10).zero_blocks == sum(keep_count(n, 0.5) for n in PRUNED.values())
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHM_IDS)
 def test_optimizer_state_is_reset_at_every_phase_boundary(tmp_path, algorithm):
     _, callback, _, probe, _ = fit(tmp_path, algorithm)

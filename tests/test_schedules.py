@@ -116,3 +116,108 @@ def test_unknown_plan_name_is_rejected():
 def test_nonpositive_exponent_is_rejected():
     with pytest.raises(ValueError, match="exponent c must be > 0"):
         exponential_sparsity(0.5, 0.9, c=0)
+
+
+def test_cubic_ramp_is_gradual_magnitude_prunings():
+    from sapp_lightning.schedules import cubic_sparsity
+
+    # Zhu & Gupta: s_t = s_f + (s_i - s_f) (1 - tau)^3
+    assert [cubic_sparsity(t, 0.8) for t in (0, 0.5, 1)] == pytest.approx([0.0, 0.7, 0.8])
+    assert cubic_sparsity(0.5, 0.8, start=0.4) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("setup, final, dense", [("imagenet", 15, 10), ("criteo", 20, 20)])
+def test_gmp_plans_keep_the_first_dense_and_last_fine_tuning_of_the_other_methods(setup, final, dense):
+    assert phases(PhasePlan.named(f"{setup}_gmp")) == [("dense", dense), ("sparsify", 100 - dense - final),
+                                                       ("sparse", final)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, cycles",
+    [("imagenet_sapp", 6), ("imagenet_acdc", 6), ("criteo_sapp", 9), ("criteo_acdc", 10)],
+)
+def test_the_papers_plans_are_their_templates_with_the_papers_cycle_count(name, cycles):
+    assert PhasePlan.cycled(name, cycles) == PhasePlan.named(name)
+    assert PhasePlan.parse(f"{name.split('_')[0]}:{cycles}", name.split("_")[1]) == PhasePlan.named(name)
+
+
+def test_fewer_cycles_share_the_same_span():
+    assert phases(PhasePlan.cycled("imagenet_sapp", 2)) == [("dense", 10)] + [
+        ("sparsify", 10), ("sparse", 10), ("dense", 10)] * 2 + [("sparsify", 15), ("sparse", 15)]  # fmt: skip
+    # no cycle: SA++ ramps once from 10% to 85%; ACDC trains dense up to the paper's last sparse-dense cycle
+    assert phases(PhasePlan.cycled("imagenet_sapp", 0)) == [("dense", 10), ("sparsify", 75), ("sparse", 15)]
+    assert phases(PhasePlan.cycled("imagenet_acdc", 0)) == [("dense", 70), ("sparse", 5), ("dense", 10),
+                                                            ("sparse", 15)]  # fmt: skip
+    assert phases(PhasePlan.cycled("criteo_acdc", 0)) == [("dense", 80), ("sparse", 20)]
+
+
+@pytest.mark.parametrize(
+    "kind, picks",
+    [("sapp", {100: 0, 1_000: 2, 100_000: 6}), ("acdc", {100: 0, 1_000: 3, 100_000: 6})],
+)
+def test_auto_plan_picks_cycles_by_training_length(kind, picks):
+    from sapp_lightning.schedules import AutoPlan
+
+    auto = PhasePlan.parse("auto", kind)
+    assert isinstance(auto, AutoPlan)
+    for steps, cycles in picks.items():
+        assert auto.cycles(steps) == cycles
+        assert auto.resolve(steps).plan == PhasePlan.cycled(f"imagenet_{kind}", cycles)
+        assert auto.describe(steps).startswith(f"auto, {steps} steps: {cycles} of the paper's 6 (")
+    # every phase of a cycle gets at least min_phase_steps (100) of the 60% the cycles share: the paper's 6 cycles
+    # of 3 (SA++) or 2 (ACDC) phases from 3,000 or 2,000 steps on
+    assert auto.cycles({"sapp": 3_000, "acdc": 2_000}[kind]) == 6
+    assert auto.cycles({"sapp": 2_999, "acdc": 1_999}[kind]) == 5
+
+
+def test_auto_plan_says_what_it_picked():
+    from sapp_lightning.schedules import AutoPlan
+
+    assert AutoPlan("sapp").describe(100) == (
+        "auto, 100 steps: 0 of the paper's 6 (sparsify, sparse, dense) cycles (a phase needs 100 steps): one ramp "
+        "over 75% of training"
+    )
+    assert AutoPlan("acdc").describe(100) == (
+        "auto, 100 steps: 0 of the paper's 6 (sparse, dense) cycles (a phase needs 100 steps): dense until the "
+        "last 30% of training"
+    )
+    assert AutoPlan("sapp", min_phase_steps=50).describe(1_000) == (
+        "auto, 1000 steps: 4 of the paper's 6 (sparsify, sparse, dense) cycles of 50-step phases (at least 50)"
+    )
+    assert AutoPlan("gmp").describe(1_000) == "auto, 1000 steps: the imagenet_gmp plan (no cycles to choose)"
+    assert PhasePlan.parse("criteo_auto:50", "sapp") == AutoPlan("sapp", "criteo", 50)
+    assert AutoPlan("sapp", "criteo", 50).to_config() == "criteo_auto:50"
+
+
+def test_a_plan_count_that_is_not_a_number_is_rejected():
+    with pytest.raises(ValueError, match="after ':' comes a whole number"):
+        PhasePlan.parse("imagenet:two", "sapp")
+
+
+def test_cycles_of_a_plan_without_cycles_are_rejected():
+    with pytest.raises(ValueError, match="'imagenet_gmp' has no cycles to count"):
+        PhasePlan.parse("imagenet:2", "gmp")
+
+
+def test_a_negative_cycle_count_is_rejected():
+    with pytest.raises(ValueError, match="the number of cycles must be an int >= 0"):
+        PhasePlan.cycled("imagenet_sapp", -1)
+
+
+def test_an_unknown_auto_setup_is_rejected():
+    with pytest.raises(ValueError, match="auto plans are 'auto', 'imagenet_auto', 'criteo_auto'"):
+        PhasePlan.parse("cifar_auto", "sapp")
+
+
+def test_an_auto_plan_needs_a_positive_phase_length():
+    from sapp_lightning.schedules import AutoPlan
+
+    with pytest.raises(ValueError, match="min_phase_steps must be an int >= 1"):
+        AutoPlan("sapp", min_phase_steps=0)
+
+
+def test_an_unknown_ramp_is_rejected():
+    from sapp_lightning.schedules import Ramp
+
+    with pytest.raises(ValueError, match="ramp must be one of 'exponential', 'cubic'"):
+        Ramp("linear")

@@ -227,9 +227,10 @@ class SequentialAttentionPP(PruningAlgorithm):
         if missing:
             optimizers[0].add_param_group({"params": missing})
             rank_zero_warn(
-                f"BlockPruning: configure_optimizers left out the {len(missing)} attention-logit tensor(s); "
-                "they were added to the first optimizer as a new parameter group (a learning-rate scheduler "
-                "made before does not schedule it). Pass self.parameters() to the optimizer to avoid this."
+                f"SequentialAttentionPP: the optimizers (configure_optimizers) left out the {len(missing)} "
+                "attention-logit tensor(s); they were added to the first optimizer as a new parameter group (a "
+                "learning-rate scheduler made before does not schedule it). Pass self.parameters() to the optimizer "
+                "to avoid this."
             )
             where.update({id(p): 0 for p in missing})
         self._logits_by_optimizer = {}

@@ -133,7 +133,14 @@ class CTRModule(pl.LightningModule):
     from ``lr`` to ``final_lr`` (the paper's Criteo setting: 2e-2 to 3e-4). Logs ``{val,test}/loss``
     (mean BCE, the paper's metric) and ``{val,test}/auroc``."""
 
-    def __init__(self, net: nn.Module, lr: float = 2e-2, final_lr: float = 3e-4, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 2e-2,
+        final_lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        logit_lr_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net
@@ -171,7 +178,11 @@ class CTRModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.logit_lr_scale == 1.0:
+            optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        else:  # SA++'s logits in a group of their own, at lr * logit_lr_scale
+            groups = _param_groups(self, hp.weight_decay, hp.lr, hp.logit_lr_scale)
+            optimizer = torch.optim.Adam(groups, lr=hp.lr)
         total = planned_steps(self.trainer)
         ratio = hp.final_lr / hp.lr
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ratio ** min(1.0, step / total))
