@@ -63,7 +63,7 @@ recipes=$(cd "$repo/recipes" && ls *.yaml | sed 's/\.yaml$//')
 for recipe in $recipes; do
     [ -n "${data_args[$recipe]:-}" ] || { echo "no generated data for recipe $recipe: add it to $0"; exit 1; }
     "$venv/bin/sapp-train" "recipe=$recipe" --cfg job >"$work/cfg.txt"
-    grep -q "_target_: sapp_lightning.BlockPruning" "$work/cfg.txt"
+    grep -q "_target_: sapp_lightning.BlockSparsifier" "$work/cfg.txt"
     rm -rf "$work/run"
     # shellcheck disable=SC2086
     "$venv/bin/sapp-train" "recipe=$recipe" ${data_args[$recipe]} "${fast[@]}" >"$work/log.txt" 2>&1 \

@@ -1,8 +1,10 @@
-"""Block-sparse training: SequentialAttention++, ACDC, magnitude, PowerPropagation, from any training loop.
+"""Block-sparse training: SequentialAttention++, ACDC, magnitude, PowerPropagation and gradual magnitude pruning,
+from any training loop.
 
 The pure-torch core (:class:`BlockSparsifier`, the algorithms, block layouts, plans, reports,
-:func:`committed_state_dict`) imports torch alone; the Lightning callback :class:`BlockPruning` is imported on
-first use.
+:func:`committed_state_dict`) imports torch alone; the Lightning callback :class:`BlockPruning` imports Lightning.
+Every name is imported on first use, so ``import sapp_lightning`` costs nothing until one is needed (the
+command-line tools parse their arguments first).
 
 Example:
     >>> from sapp_lightning import BlockPruning
@@ -16,47 +18,51 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .algorithms import ALGORITHMS, PruningAlgorithm, register
-from .blocks import BlockLayout, keep_count, top_k_mask
-from .checkpoint import committed_state_dict
-from .events import LayerState, Lifecycle, PruningEvent
-from .report import LayerSparsity, SparsityReport, block_sparsity, real_sparsity
-from .schedules import Phase, PhasePlan, exponential_sparsity
-from .sparsifier import BlockSparsifier
-
 if TYPE_CHECKING:
+    from .algorithms import ALGORITHMS, PruningAlgorithm, register
+    from .blocks import BlockLayout, keep_count, top_k_mask
     from .callback import BlockPruning
+    from .checkpoint import committed_state_dict
+    from .events import LayerState, Lifecycle, PruningEvent
+    from .report import LayerSparsity, SparsityReport, block_sparsity, real_sparsity
+    from .schedules import AutoPlan, Phase, PhasePlan, exponential_sparsity
+    from .sparsifier import BlockSparsifier
 
-_LAZY = {"BlockPruning": ".callback"}  # imports Lightning
+# public name -> the module that defines it
+_EXPORTS = {
+    "ALGORITHMS": ".algorithms",
+    "PruningAlgorithm": ".algorithms",
+    "register": ".algorithms",
+    "BlockLayout": ".blocks",
+    "keep_count": ".blocks",
+    "top_k_mask": ".blocks",
+    "BlockPruning": ".callback",
+    "committed_state_dict": ".checkpoint",
+    "LayerState": ".events",
+    "Lifecycle": ".events",
+    "PruningEvent": ".events",
+    "LayerSparsity": ".report",
+    "SparsityReport": ".report",
+    "block_sparsity": ".report",
+    "real_sparsity": ".report",
+    "AutoPlan": ".schedules",
+    "Phase": ".schedules",
+    "PhasePlan": ".schedules",
+    "exponential_sparsity": ".schedules",
+    "BlockSparsifier": ".sparsifier",
+}
 
-__all__ = [
-    "ALGORITHMS",
-    "BlockLayout",
-    "BlockPruning",
-    "BlockSparsifier",
-    "LayerSparsity",
-    "LayerState",
-    "Lifecycle",
-    "Phase",
-    "PhasePlan",
-    "PruningAlgorithm",
-    "PruningEvent",
-    "SparsityReport",
-    "block_sparsity",
-    "committed_state_dict",
-    "exponential_sparsity",
-    "keep_count",
-    "real_sparsity",
-    "register",
-    "top_k_mask",
-]
-
-__version__ = "0.2.0"
+__all__ = sorted(_EXPORTS)
+__version__ = "0.3.0"
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

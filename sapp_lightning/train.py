@@ -47,10 +47,13 @@ from .app.configs import CONFIG_DIR
 log = logging.getLogger(__name__)
 
 
-def build_pruning(cfg: DictConfig) -> BlockPruning | None:
-    """The ``pruning`` group instantiated (``_target_: sapp_lightning.BlockPruning``), or ``None`` where its
+def build_pruning(cfg: DictConfig, callback: DictConfig | dict | None = None) -> BlockPruning | None:
+    """The ``pruning`` group's sparsifier (``_target_: sapp_lightning.BlockSparsifier``) inside the Lightning
+    callback, with ``callback``'s options (the config's ``pruning_callback``); ``None`` where the group's
     ``_target_`` is null (``pruning=dense``, the dense baseline)."""
-    return instantiate(cfg, _convert_="all") if cfg.get("_target_") else None
+    if not cfg.get("_target_"):
+        return None
+    return BlockPruning(instantiate(cfg, _convert_="all"), **(callback or {}))
 
 
 def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningModule:
@@ -163,7 +166,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
-    pruning = build_pruning(cfg.pruning)
+    pruning = build_pruning(cfg.pruning, cfg.pruning_callback)
     loggers = build_loggers(cfg.logger)
     trainer = build_trainer(cfg, build_callbacks(cfg.callbacks, pruning, has_logger=bool(loggers)), loggers)
     pin_global_batch(cfg, datamodule, trainer)

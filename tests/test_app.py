@@ -238,3 +238,12 @@ def test_the_algorithms_own_knobs_reach_them_from_the_command_line(tmp_path):
     assert sapp.sparsifier.algorithm.softmax_over == "kept"  # alpha is PowerPropagation's: ignored here
     powerprop = build_pruning(compose_cfg(["pruning=powerprop", "pruning.alpha=3"], tmp_path).pruning)
     assert powerprop.sparsifier.algorithm.config() == {"prune_mode": "mask", "alpha": 3.0}
+
+
+def test_the_pruning_groups_arguments_are_generated_from_the_sparsifiers_signature():
+    from sapp_lightning.app.configs import main, sparsifier_yaml
+
+    assert (CONFIG_DIR / "pruning" / "_sparsifier.yaml").read_text() == sparsifier_yaml(), (
+        "conf/pruning/_sparsifier.yaml is out of date: python -m sapp_lightning.app.configs --write"
+    )
+    assert main([]) == 0

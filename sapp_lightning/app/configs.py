@@ -43,3 +43,64 @@ def register_recipes(recipes: Path) -> list[str]:
 
 CONFIG_DIR, RECIPES_DIR = config_dirs()
 RECIPES = register_recipes(RECIPES_DIR)
+
+
+# --- the pruning group's arguments, generated from BlockSparsifier's signature -----------------------------
+SPARSIFIER_NODE = "_sparsifier.yaml"
+#: the app's values for the arguments the library leaves without a default
+APP_DEFAULTS = {"sparsity": 0.9, "block_size": 16}
+_HEADER = """\
+# Generated from the signature of sapp_lightning.BlockSparsifier and the algorithms' own knobs by
+#   python -m sapp_lightning.app.configs --write
+# (tests/test_app.py fails when it is out of date). Each option of this group (pruning=sapp, acdc, magnitude,
+# powerprop, gmp) picks the algorithm; override any key on the command line, e.g. pruning.sparsity=0.95.
+# What each key does: BlockSparsifier's documentation (null for an algorithm knob: the algorithm's default;
+# a knob the algorithm lacks is ignored, so one configuration serves a sweep over algorithms). sparsity and
+# block_size, which the library leaves to the user, are the app's: 0.9 and 16.
+"""
+
+
+def sparsifier_node() -> dict:
+    """The pruning group's keys: every argument of ``BlockSparsifier`` with its default, and every knob of the
+    registered algorithms as null (``_target_`` instantiates the sparsifier; ``algorithm`` is set per option)."""
+    import inspect
+
+    from sapp_lightning import BlockSparsifier
+    from sapp_lightning.algorithms import algorithm_option_names
+
+    node: dict = {"_target_": "sapp_lightning.BlockSparsifier", "algorithm": "???"}
+    for name, parameter in inspect.signature(BlockSparsifier).parameters.items():
+        if parameter.kind is parameter.VAR_KEYWORD or name == "algorithm":
+            continue
+        node[name] = parameter.default if parameter.default is not parameter.empty else APP_DEFAULTS[name]
+    node.update({name: None for name in sorted(algorithm_option_names()) if name not in node})
+    return node
+
+
+def sparsifier_yaml() -> str:
+    return _HEADER + yaml.safe_dump(sparsifier_node(), sort_keys=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m sapp_lightning.app.configs",
+        description=f"write or check conf/pruning/{SPARSIFIER_NODE}, generated from BlockSparsifier's signature",
+    )
+    parser.add_argument("--write", action="store_true", help="write the file (default: check it)")
+    args = parser.parse_args(argv)
+    path = CONFIG_DIR / "pruning" / SPARSIFIER_NODE
+    if args.write:
+        path.write_text(sparsifier_yaml())
+        print(f"wrote {path}")
+        return 0
+    if path.read_text() != sparsifier_yaml():
+        print(f"{path} is out of date: python -m sapp_lightning.app.configs --write")
+        return 1
+    print(f"{path} is up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
