@@ -52,7 +52,28 @@ _EXPORTS = {
     "BlockSparsifier": ".sparsifier",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ALGORITHMS",
+    "AutoPlan",
+    "BlockLayout",
+    "BlockPruning",
+    "BlockSparsifier",
+    "LayerSparsity",
+    "LayerState",
+    "Lifecycle",
+    "Phase",
+    "PhasePlan",
+    "PruningAlgorithm",
+    "PruningEvent",
+    "SparsityReport",
+    "block_sparsity",
+    "committed_state_dict",
+    "exponential_sparsity",
+    "keep_count",
+    "real_sparsity",
+    "register",
+    "top_k_mask",
+]
 __version__ = "0.3.0"
 
 
