@@ -43,6 +43,7 @@ from .app.checkpoints import (
     resolve_ckpt_path,
 )
 from .app.configs import CONFIG_DIR
+from .app.history import PruningHistory
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +92,13 @@ def build_loggers(cfg: DictConfig) -> list[pl.loggers.Logger]:
     return loggers
 
 
-def build_callbacks(cfg: DictConfig, pruning: BlockPruning | None, has_logger: bool) -> list[pl.Callback]:
+def build_callbacks(
+    cfg: DictConfig, pruning: BlockPruning | None, history: PruningHistory | None, has_logger: bool
+) -> list[pl.Callback]:
     callbacks = [instantiate(c) for c in (cfg or {}).values()]
     if not has_logger:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
-    return callbacks + ([pruning] if pruning is not None else [])
+    return callbacks + [c for c in (pruning, history) if c is not None]  # the history reads after the pruning
 
 
 class KeptAttentionRange:
@@ -167,11 +170,13 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
     pruning = build_pruning(cfg.pruning, cfg.pruning_callback)
+    history = PruningHistory(pruning.sparsifier, cfg.trainer.log_every_n_steps) if pruning else None
     loggers = build_loggers(cfg.logger)
-    trainer = build_trainer(cfg, build_callbacks(cfg.callbacks, pruning, has_logger=bool(loggers)), loggers)
+    callbacks = build_callbacks(cfg.callbacks, pruning, history, has_logger=bool(loggers))
+    trainer = build_trainer(cfg, callbacks, loggers)
     pin_global_batch(cfg, datamodule, trainer)
     try:
-        return _fit_and_report(cfg, trainer, module, datamodule, pruning, ckpt_path)
+        return _fit_and_report(cfg, trainer, module, datamodule, pruning, history, ckpt_path)
     finally:
         finish_wandb(trainer)
 
@@ -185,7 +190,7 @@ def finish_wandb(trainer: pl.Trainer) -> None:
             logger.experiment.finish()
 
 
-def _fit_and_report(cfg, trainer, module, datamodule, pruning, ckpt_path) -> dict[str, Any] | None:
+def _fit_and_report(cfg, trainer, module, datamodule, pruning, history, ckpt_path) -> dict[str, Any] | None:
     attention = KeptAttentionRange()
     if pruning is not None:
         pruning.sparsifier.add_listener(attention)
@@ -226,6 +231,8 @@ def _fit_and_report(cfg, trainer, module, datamodule, pruning, ckpt_path) -> dic
     }
     if attention.ranges:
         results["attention_range"] = attention.ranges
+    if history is not None:  # what the sparsifier did: phases and sparsity curves (the figures read these)
+        results["pruning"] = history.to_dict()
     if trainer.is_global_zero:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
