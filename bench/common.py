@@ -1,7 +1,7 @@
 """Shared pieces of the benchmarks: quiet in-process training, a resumable JSON-lines store, timing helpers.
 
 The cost benchmarks train with the public API (``BlockPruning``, the data modules, the models and LightningModules
-of ``sapp_lightning.models``) in the current process, on one thread, with Lightning's extras turned off; the
+of ``sapp_lightning.app.models``) in the current process, on one thread, with Lightning's extras turned off; the
 quality benchmark trains through the app (``bench/quality.py``).
 """
 
@@ -59,7 +59,7 @@ def fashion_mnist(batch_size: int = 256) -> Any:
     """The Fashion-MNIST data module (55k train / 5k val / 10k test), set up once per process."""
     key = f"fmnist{batch_size}"
     if key not in _DATA_CACHE:
-        from sapp_lightning.data import FashionMNISTDataModule
+        from sapp_lightning.app.data import FashionMNISTDataModule
 
         dm = FashionMNISTDataModule(batch_size=batch_size, download=False)
         dm.setup("fit")

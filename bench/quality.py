@@ -1,5 +1,5 @@
 """Pruning quality on real data through the app: every run is ``sapp-train``'s, composed by Hydra from ``conf/``
-and ``recipes/`` plus overrides and trained by :func:`sapp_lightning.train.run` in this process (one thread), so
+and ``recipes/`` plus overrides and trained by :func:`sapp_lightning.app.train.run` in this process (one thread), so
 a recipe, a config change or a fix reaches the benchmark and the app alike.
 
 A grid is a list of override lists; each finished run is one JSON line (``results.json`` plus the run's ``key``
@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: use this checkout's bench and 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import append_row, load_done, quiet, run_pool  # noqa: E402
-from sapp_lightning.results import (  # noqa: E402
+from sapp_lightning.app.results import (  # noqa: E402
     compare_table,
     load_jsonl,
     paper_table,
@@ -137,10 +137,10 @@ def compose(overrides: list[str], output_dir: str | Path) -> Any:
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Train one run with ``sapp_lightning.train.run`` (one thread) and return its row: the job and results.json."""
+    """Train one run with ``sapp_lightning.app.train.run`` (one thread) and return its row: the job and results.json."""
     import torch
 
-    from sapp_lightning.train import run
+    from sapp_lightning.app.train import run
 
     quiet()
     torch.set_num_threads(1)

@@ -88,7 +88,7 @@ def build(
     model_name: str, kind: str, batch: int | None = None, hidden: tuple[int, ...] = (512, 512)
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A model (parametrized like BlockPruning would for ``kind``), an input batch and its labels."""
-    from sapp_lightning.models import MLP, resnet50
+    from sapp_lightning.app.models import MLP, resnet50
 
     torch.manual_seed(0)
     if model_name == "mlp":

@@ -116,7 +116,7 @@ TARGET_CONFIGS = [
 
 def build(setting: Setting, steps: int):
     """The LightningModule, train loader, block size and min_blocks of a benchmark model."""
-    from sapp_lightning.models import MLP, ImageClassifier, resnet50
+    from sapp_lightning.app.models import MLP, ImageClassifier, resnet50
 
     if setting.model == "mlp":
         dm = fashion_mnist(batch_size=256)

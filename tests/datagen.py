@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sapp_lightning.data.fashion_mnist import FILES as FASHION_FILES
+from sapp_lightning.app.data.fashion_mnist import FILES as FASHION_FILES
 
 
 def write_idx(path: Path, array: np.ndarray, magic: int | None = None, gzipped: bool = True) -> None:
@@ -63,7 +63,7 @@ def make_criteo_tsv(path: Path, rows: int = 700, seed: int = 0) -> Path:
 
 def make_ml100k_dir(folder: Path, users: int = 30, items: int = 40, ratings: int = 400, seed: int = 0) -> Path:
     """GroupLens' ml-100k layout with random rows: ``u.data`` (tabs), ``u.user`` and ``u.item`` (pipes, latin-1)."""
-    from sapp_lightning.data.movielens import GENRES
+    from sapp_lightning.app.data.movielens import GENRES
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)

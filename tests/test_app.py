@@ -15,8 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 
 from sapp_lightning import BlockPruning
 from sapp_lightning.app.configs import CONFIG_DIR, RECIPES_DIR
-from sapp_lightning.results import main as results_main
-from sapp_lightning.train import build_pruning, run
+from sapp_lightning.app.results import main as results_main
+from sapp_lightning.app.train import build_pruning, run
 
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 PRUNINGS = sorted(p.stem for p in (CONFIG_DIR / "pruning").glob("*.yaml") if not p.stem.startswith("_"))
@@ -81,7 +81,7 @@ def test_recipes_override_the_primary_config_including_the_sweep_folder(tmp_path
 
 def test_cfg_job_prints_the_composed_config():
     out = subprocess.run(
-        [sys.executable, "-m", "sapp_lightning.train", "recipe=criteo_paper", "pruning=dense", "--cfg", "job"],
+        [sys.executable, "-m", "sapp_lightning.app.train", "recipe=criteo_paper", "pruning=dense", "--cfg", "job"],
         capture_output=True, text=True, check=True, cwd=RECIPES_DIR.parent,
     )  # fmt: skip
     assert "algorithm: dense" in out.stdout and "CriteoDataModule" in out.stdout
@@ -171,7 +171,7 @@ def test_joblib_multirun_of_two_jobs_and_the_results_table(tmp_path, capsys):
     data = tmp_path / "fmnist"
     make_fashion_dir(data, n_train=100, n_test=20)
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "sapp_lightning.train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    cmd = [sys.executable, "-m", "sapp_lightning.app.train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     cmd += ["recipe=fashion_mnist_demo", "pruning=dense,sapp", f"data.data_dir={data}", "data.val_size=20"]
     cmd += ["+trainer.fast_dev_run=2", "logger=none", f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -194,7 +194,7 @@ def test_image_classifier_can_train_the_attention_logits_at_a_scaled_learning_ra
     from conftest import make_trainer
 
     from sapp_lightning.algorithms import BlockAttention
-    from sapp_lightning.models import ImageClassifier
+    from sapp_lightning.app.models import ImageClassifier
 
     class Groups(pl.Callback):
         def on_train_start(self, trainer, pl_module):
@@ -214,7 +214,7 @@ def test_image_classifier_can_train_the_attention_logits_at_a_scaled_learning_ra
 
 
 def test_a_global_batch_is_split_over_the_devices_and_a_share_that_does_not_divide_is_refused(tmp_path):
-    from sapp_lightning.train import pin_global_batch
+    from sapp_lightning.app.train import pin_global_batch
 
     class Trainer:
         world_size, accumulate_grad_batches = 4, 2

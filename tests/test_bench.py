@@ -12,8 +12,8 @@ import pytest
 
 from bench import quality
 from bench.common import append_row, load_done, run_pool
-from sapp_lightning.results import compare_table, load_jsonl
-from sapp_lightning.train import build_pruning
+from sapp_lightning.app.results import compare_table, load_jsonl
+from sapp_lightning.app.train import build_pruning
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from sapp_lightning.data import criteo
-from sapp_lightning.data.base import ResumableDataLoader, ShardedBatchSampler
-from sapp_lightning.data.criteo import (
+from sapp_lightning.app.data import criteo
+from sapp_lightning.app.data.base import ResumableDataLoader, ShardedBatchSampler
+from sapp_lightning.app.data.criteo import (
     CriteoBatchSampler,
     CriteoDataModule,
     CriteoFormatError,
@@ -29,7 +29,7 @@ from sapp_lightning.data.criteo import (
     parse_block,
     preprocess,
 )
-from sapp_lightning.data.criteo import cache as criteo_cache
+from sapp_lightning.app.data.criteo import cache as criteo_cache
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CANDIDATES = [

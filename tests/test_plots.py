@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sapp_lightning.app import plots
+from sapp_lightning.app.paper import paper_value
 from sapp_lightning.app.plots import (
     METHOD_COLORS,
     PHASE_COLORS,
@@ -23,8 +24,7 @@ from sapp_lightning.app.plots import (
     result_series,
     sparsity_curve_figure,
 )
-from sapp_lightning.paper import paper_value
-from sapp_lightning.results import main as results_main
+from sapp_lightning.app.results import main as results_main
 
 # A plan of 100 steps: dense, sparsify (to 90%), sparse, dense, sparse.
 PLAN = [(0, 20), (1, 20), (2, 20), (0, 20), (2, 20)]
@@ -81,7 +81,7 @@ def write_metrics_csv(path: Path, every: int = 5, layers: tuple[str, ...] = ("fc
 
 
 def results_json(folder: Path, algorithm: str, sparsity: float, block: int, seed: int, value: float, **extra) -> Path:
-    """A run's results.json as ``sapp_lightning.train.run`` writes it."""
+    """A run's results.json as ``sapp_lightning.app.train.run`` writes it."""
     task = extra.pop("task", "classification")
     val = {"val/acc": value, "val/loss": 1 - value} if task == "classification" else {"val/loss": value}
     val |= extra.pop("val", {})
@@ -360,7 +360,7 @@ def criteo_sweep(root: Path) -> Path:
 
 
 def test_paper_markers_only_in_the_papers_setting_and_only_for_its_metric(tmp_path, mpl):
-    from sapp_lightning.results import load_results
+    from sapp_lightning.app.results import load_results
 
     records = records_from_results(load_results(criteo_sweep(tmp_path / "criteo")))
     fig = result_figure(records)
@@ -484,7 +484,7 @@ def test_results_plot_writes_the_comparison_figure_and_each_curve(tmp_path, caps
 
 
 def test_results_plot_of_a_single_sparsity_sweep_plots_each_method_once(tmp_path, mpl):
-    from sapp_lightning.results import load_results
+    from sapp_lightning.app.results import load_results
 
     records = records_from_results(load_results(fake_demo_sweep(tmp_path / "demo")))
     (ax,) = [ax for ax in result_figure(records).axes if ax.lines]
@@ -521,7 +521,7 @@ def test_a_real_app_run_logs_what_the_curve_reads(tmp_path, mpl):
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from sapp_lightning.train import CONFIG_DIR, run
+    from sapp_lightning.app.train import CONFIG_DIR, run
 
     data = tmp_path / "fmnist"
     make_fashion_dir(data, n_train=300, n_test=20)

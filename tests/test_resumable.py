@@ -19,8 +19,8 @@ from datagen import make_criteo_tsv, make_fashion_dir, make_imagefolder, make_ml
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from sapp_lightning.data import CriteoDataModule, FashionMNISTDataModule, ImageNetDataModule, MovieLensCTRDataModule
-from sapp_lightning.data.base import ResumableDataLoader, SeededItems, ShardedBatchSampler
+from sapp_lightning.app.data import CriteoDataModule, FashionMNISTDataModule, ImageNetDataModule, MovieLensCTRDataModule
+from sapp_lightning.app.data.base import ResumableDataLoader, SeededItems, ShardedBatchSampler
 
 # ------------------------------------------------------------------------------------------ the four modules
 

@@ -15,7 +15,7 @@ from datagen import make_fashion_dir
 from test_app import compose_cfg
 
 from sapp_lightning.app.checkpoints import AtomicCheckpointIO
-from sapp_lightning.train import run
+from sapp_lightning.app.train import run
 
 TESTS = Path(__file__).resolve().parent
 # 100 images, 20 for validation, batches of 16: 5 steps per epoch, 4 epochs
@@ -31,7 +31,7 @@ def fashion(tmp_path_factory):
 
 
 def train(run_dir: Path, fashion: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "sapp_lightning.train", *SETTINGS, f"data.data_dir={fashion}"]
+    cmd = [sys.executable, "-m", "sapp_lightning.app.train", *SETTINGS, f"data.data_dir={fashion}"]
     cmd += [f"hydra.run.dir={run_dir}", *extra]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(cmd, capture_output=True, text=True, env=environment | (env or {}), cwd=run_dir.parent)
@@ -168,9 +168,9 @@ def test_a_gpu_recipe_on_a_cpu_machine_names_the_override(tmp_path):
 def test_the_modules_plan_their_learning_rate_over_what_lightning_estimates(tmp_path, fashion, trainer_options):
     import pytorch_lightning as pl
 
-    from sapp_lightning.data import FashionMNISTDataModule
-    from sapp_lightning.models import MLP, ImageClassifier
-    from sapp_lightning.models.lightning import planned_steps
+    from sapp_lightning.app.data import FashionMNISTDataModule
+    from sapp_lightning.app.models import MLP, ImageClassifier
+    from sapp_lightning.app.models.lightning import planned_steps
 
     class Compare(pl.Callback):
         def on_train_start(self, trainer, pl_module):  # after setup: estimated_stepping_batches is safe to ask here

@@ -16,9 +16,8 @@ import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
-from ..callback import BlockPruning
-from ..events import LayerState, PruningEvent
-from ..sparsifier import BlockSparsifier
+from sapp_lightning import BlockPruning, BlockSparsifier, LayerState, PruningEvent
+
 from .plots import figure_image, save_figure
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@ against sparsity, one panel per block size (the paper's Fig. 4 and 5).
 Everything is built from files, after the fact: a run's CSV log (``<run>/csv/version_N/metrics.csv``, the app's
 default logger), a sweep's ``results.json`` files, or the JSON lines of ``bench/quality.py``. Command line::
 
-    python -m sapp_lightning.results runs/demo --plot            # a sweep: the comparison + each run's curve
+    python -m sapp_lightning.app.results runs/demo --plot            # a sweep: the comparison + each run's curve
     python -m sapp_lightning.app.plots runs/2026-12-03/17-12-50  # one run's sparsity_curve.png
     python -m sapp_lightning.app.plots bench/results/images.jsonl bench/results/ctr.jsonl --out docs/figures
 
@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..paper import CRITEO_DENSE_LOSS, IMAGENET_DENSE_TOP1, paper_value
-from ..results import METHOD_NAMES, METHOD_ORDER, Difference, load_jsonl, load_results, score_differences
+from .paper import CRITEO_DENSE_LOSS, IMAGENET_DENSE_TOP1, paper_value
+from .results import METHOD_NAMES, METHOD_ORDER, Difference, load_jsonl, load_results, score_differences
 
 if TYPE_CHECKING:  # matplotlib is an optional extra
     import pytorch_lightning as pl
@@ -423,7 +423,7 @@ DATA_NAMES = {
 
 
 def records_from_results(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Flatten ``results.json`` dicts (``sapp_lightning.results.load_results``) into plot records."""
+    """Flatten ``results.json`` dicts (``sapp_lightning.app.results.load_results``) into plot records."""
     out = []
     for r in rows:
         method = "dense" if r["algorithm"] in ("none", "dense") else r["algorithm"]
@@ -450,7 +450,7 @@ def records_from_results(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
 
 def records_from_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """The runs of a ``bench/quality.py`` JSON lines file as plot records (read by
-    :func:`sapp_lightning.results.load_jsonl`, older lines included); runs with a variant (ablations, swept
+    :func:`sapp_lightning.app.results.load_jsonl`, older lines included); runs with a variant (ablations, swept
     overrides) are left out, and a run written twice counts once (its last line)."""
     return records_from_results(r for r in load_jsonl(path) if not r.get("variant"))
 

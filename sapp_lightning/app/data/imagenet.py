@@ -9,12 +9,12 @@ ImageNet publishes no test labels, so ``test_dataloader()`` returns the validati
 this module are validation numbers, as in the papers that report ImageNet accuracy.
 
 The train order is a function of ``(seed, epoch)`` and each image's random crop and flip of ``(seed, epoch,
-index)`` (:class:`~sapp_lightning.data.base.SeededItems`), so a run resumed from a mid-epoch checkpoint sees the
+index)`` (:class:`~sapp_lightning.app.data.base.SeededItems`), so a run resumed from a mid-epoch checkpoint sees the
 same augmented batches as an uninterrupted one, with any number of workers.
 
 Example (needs the data)::
 
-    from sapp_lightning.data.imagenet import ImageNetDataModule
+    from sapp_lightning.app.data.imagenet import ImageNetDataModule
 
     dm = ImageNetDataModule("/datasets/imagenet", batch_size=256, num_workers=8)
     print(dm.num_classes)      # 1000, read from root/train at construction

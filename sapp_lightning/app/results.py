@@ -1,10 +1,10 @@
 """Gather the ``results.json`` files of a sweep, or the JSON lines of ``bench/quality.py``, into tables, with the
 paper's numbers alongside.
 
-    python -m sapp_lightning.results runs/demo                 # one row per configuration
-    python -m sapp_lightning.results runs/table2_criteo --paper criteo   # Table 2's shape
-    python -m sapp_lightning.results runs/demo --plot          # + DIR/results.png and each run's sparsity curve
-    python -m sapp_lightning.results bench/results/ctr25.jsonl # the benchmark's runs (one results.json a line)
+    python -m sapp_lightning.app.results runs/demo                 # one row per configuration
+    python -m sapp_lightning.app.results runs/table2_criteo --paper criteo   # Table 2's shape
+    python -m sapp_lightning.app.results runs/demo --plot          # + DIR/results.png and each run's sparsity curve
+    python -m sapp_lightning.app.results bench/results/ctr25.jsonl # the benchmark's runs (one results.json a line)
 
 ``--plot`` needs matplotlib (``pip install 'sapp_lightning[app]'``); see :mod:`sapp_lightning.app.plots`.
 
@@ -297,7 +297,7 @@ class Difference:
 
 def score_differences(rows: Iterable[dict[str, Any]], split: str = "val") -> dict[str, list[Difference]]:
     """``{model: [Difference per (block, sparsity)]}`` from SA++ runs (``results.json`` rows, e.g.
-    :func:`sapp_lightning.results.load_jsonl`) that differ only in ``pruning.score``: the plain or
+    :func:`sapp_lightning.app.results.load_jsonl`) that differ only in ``pruning.score``: the plain or
     ``pruning.score=attention`` runs against the ``pruning.score=magnitude`` runs of the same model, block size,
     sparsity and seed (only seeds with both are paired).
 
@@ -404,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _plot(root: str) -> int:
     """Draw the sweep's figures (``--plot``) and say where each went."""
     try:
-        from .app.plots import plot_jsonl, plot_sweep
+        from .plots import plot_jsonl, plot_sweep
 
         written = plot_jsonl([root], Path(root).parent) if Path(root).suffix == ".jsonl" else plot_sweep(root)
     except (ImportError, ValueError) as err:

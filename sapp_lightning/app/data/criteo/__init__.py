@@ -14,11 +14,11 @@ empty field is a missing value. One module per job:
   ``log(x + 1)``); its categorical handling with ``--max-ind-range`` is this module's ``raw % table_size``.
 * :mod:`.dataset`: :class:`CriteoRows`, the rows of a split read a batch at a time (categoricals hashed then).
 * :mod:`.datamodule`: :class:`CriteoDataModule`; its loaders use the shared
-  :class:`~sapp_lightning.data.base.ShardedBatchSampler` (here also called :data:`CriteoBatchSampler`).
+  :class:`~sapp_lightning.app.data.base.ShardedBatchSampler` (here also called :data:`CriteoBatchSampler`).
 
 Example (needs the data; :class:`CriteoDataModule` has a runnable one on a tiny file)::
 
-    from sapp_lightning.models import CriteoPaperNet, CTRModule
+    from sapp_lightning.app.models import CriteoPaperNet, CTRModule
 
     dm = CriteoDataModule("/data/criteo/train.txt", batch_size=32768, table_size=1_000_000)
     net = CriteoPaperNet(num_dense=dm.num_dense, cardinalities=dm.cardinalities)  # before setup: no parsing yet

