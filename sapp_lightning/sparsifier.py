@@ -517,8 +517,9 @@ class BlockSparsifier:
         else:
             self._prune_to([self.sparsity] * len(self.layers), regrowth=False)
 
-    def _scores(self, layer: PrunedLayer) -> Tensor:
-        scores = self.algorithm.block_scores(layer)
+    def _scores(self, layer: PrunedLayer, across_layers: bool = False) -> Tensor:
+        # across layers: on a scale shared by all of them (SA++: the attention, not each layer's raw logits)
+        scores = (self.algorithm.global_block_scores if across_layers else self.algorithm.block_scores)(layer)
         if not torch.isfinite(scores).all():
             raise FloatingPointError(
                 f"BlockPruning: layer {layer.name!r} has NaN or infinite block scores "
@@ -546,7 +547,7 @@ class BlockSparsifier:
         keep = max(len(self.layers), total - round(pruned_blocks))
         if keep >= sum(layer.num_kept for layer in self.layers) and not regrowth:
             return
-        scores = torch.cat([self._scores(layer).reshape(-1).float() for layer in self.layers])
+        scores = torch.cat([self._scores(layer, across_layers=True).reshape(-1).float() for layer in self.layers])
         eligible = None if regrowth else torch.cat([layer.mask.reshape(-1) for layer in self.layers])
         mask = top_k_mask(scores, keep, eligible=eligible)
         for layer, part in zip(self.layers, mask.split([layer.layout.num_blocks for layer in self.layers])):
