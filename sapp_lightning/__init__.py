@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .algorithms import ALGORITHMS, PruningAlgorithm, register
 from .blocks import BlockLayout, keep_count, top_k_mask
-from .checkpoint import committed_state_dict
+from .checkpoint import UnsafeCheckpointError, committed_state_dict, load_checkpoint
 from .events import LayerState, Lifecycle, PruningEvent
 from .report import LayerSparsity, SparsityReport, block_sparsity, real_sparsity
 from .schedules import Phase, PhasePlan, exponential_sparsity
@@ -43,10 +43,12 @@ __all__ = [
     "PruningAlgorithm",
     "PruningEvent",
     "SparsityReport",
+    "UnsafeCheckpointError",
     "block_sparsity",
     "committed_state_dict",
     "exponential_sparsity",
     "keep_count",
+    "load_checkpoint",
     "real_sparsity",
     "register",
     "top_k_mask",

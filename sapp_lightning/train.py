@@ -41,6 +41,7 @@ from .app.checkpoints import (
     check_checkpoint,
     checkpoint_dir,
     resolve_ckpt_path,
+    resume_load_options,
 )
 from .app.configs import CONFIG_DIR
 
@@ -188,7 +189,8 @@ def _fit_and_report(cfg, trainer, module, datamodule, pruning, ckpt_path) -> dic
         pruning.sparsifier.add_listener(attention)
     started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        resume = dict(ckpt_path=str(ckpt_path), **resume_load_options(trainer, cfg)) if ckpt_path else {}
+        trainer.fit(module, datamodule=datamodule, **resume)
     except Preempted as stop:
         log.info("preempted: %s; the requeued job resumes from this run folder", stop)
         return None
