@@ -426,6 +426,11 @@ class BlockSparsifier:
             for layer in self.layers
             if layer.num_kept > (target := keep_count(layer.layout.num_blocks, self.sparsity))
         ]
+        if self.ranking == "global":  # the layers end at sparsities of their own: only the total has a target
+            total = sum(layer.layout.num_blocks for layer in self.layers)
+            kept = sum(layer.num_kept for layer in self.layers)
+            target = max(len(self.layers), total - round(self.sparsity * total))
+            short = [f"the pruned layers keep {kept} of {total} blocks (target {target})"] if kept > target else []
         stopped = self.schedule is not None and self.steps_done < self.schedule.total_steps
         for layer in self.layers:
             layer.commit()

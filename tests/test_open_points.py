@@ -3,6 +3,7 @@ and its default is the spec's."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,10 @@ def test_global_ranking_reaches_the_target_over_all_layers_not_in_each():
     assert sum(kept_global) == total - round(0.75 * total)
     assert kept_global != [keep_count(n, 0.75) for n in PRUNED.values()]  # layers end at other sparsities
     assert [layer.num_kept for layer in local.layers] == [keep_count(n, 0.75) for n in PRUNED.values()]
+    with warnings.catch_warnings(record=True) as caught:  # the total is on target: no layer is "below" its own
+        warnings.simplefilter("always")
+        glob.commit()
+    assert not [w for w in caught if "below the target" in str(w.message)]
 
 
 @pytest.mark.parametrize(
