@@ -210,6 +210,7 @@ def _fit_and_report(cfg, trainer, module, datamodule, pruning, ckpt_path) -> dic
         "sparsity": float(cfg.pruning.sparsity) if cfg.pruning.algorithm != "dense" else 0.0,
         "block_size": cfg.pruning.block_size,
         "seed": cfg.seed,
+        **({"variant": cfg.variant} if cfg.get("variant") else {}),  # a recipe's label: its own rows in the table
         "data": cfg.data._target_.rsplit(".", 1)[-1],
         "model": cfg.model.net._target_.rsplit(".", 1)[-1],
         "task": cfg.model.task,

@@ -25,8 +25,8 @@ RUN_CONFIG_KEY = "sapp_train_config"
 CHECKSUM_KEY = "sapp_train_checksum"
 # Settings that do not change what a run computes: they may differ between a run and its resumption.
 IGNORED_ON_RESUME = (
-    "output_dir", "name", "test", "ckpt_path", "resume_check", "trusted", "slurm", "logger", "callbacks", "hydra",
-    "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.default_root_dir",
+    "output_dir", "name", "variant", "test", "ckpt_path", "resume_check", "trusted", "slurm", "logger", "callbacks",
+    "hydra", "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.default_root_dir",
     "trainer.enable_model_summary", "trainer.enable_checkpointing", "trainer.accelerator",
     "data.num_workers", "data.path", "data.root", "data.data_dir", "data.cache_dir", "data.download",
     "pruning.verify_masks_across_ranks", "pruning.check_finite_every_n_steps",
