@@ -426,7 +426,7 @@ def read_train_accuracy(source: str | Path) -> tuple[list[int], list[float]]:
     Example:
         >>> import tempfile
         >>> csv = Path(tempfile.mkdtemp()) / "metrics.csv"
-        >>> _ = csv.write_text("epoch,step,train/acc,val/acc\n0,9,0.5,\n0,19,0.75,\n0,19,,0.7\n")
+        >>> _ = csv.write_text("epoch,step,train/acc,val/acc\\n0,9,0.5,\\n0,19,0.75,\\n0,19,,0.7\\n")
         >>> read_train_accuracy(csv)
         ([9, 19], [0.5, 0.75])
     """
