@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .algorithms import ALGORITHMS, PruningAlgorithm, register
     from .blocks import BlockLayout, keep_count, top_k_mask
     from .callback import BlockPruning
-    from .checkpoint import committed_state_dict
+    from .checkpoint import UnsafeCheckpointError, committed_state_dict, load_checkpoint
     from .events import LayerState, Lifecycle, PruningEvent
     from .report import LayerSparsity, SparsityReport, block_sparsity, real_sparsity
     from .schedules import AutoPlan, Phase, PhasePlan, exponential_sparsity
@@ -38,6 +38,8 @@ _EXPORTS = {
     "top_k_mask": ".blocks",
     "BlockPruning": ".callback",
     "committed_state_dict": ".checkpoint",
+    "load_checkpoint": ".checkpoint",
+    "UnsafeCheckpointError": ".checkpoint",
     "LayerState": ".events",
     "Lifecycle": ".events",
     "PruningEvent": ".events",
@@ -66,10 +68,12 @@ __all__ = [
     "PruningAlgorithm",
     "PruningEvent",
     "SparsityReport",
+    "UnsafeCheckpointError",
     "block_sparsity",
     "committed_state_dict",
     "exponential_sparsity",
     "keep_count",
+    "load_checkpoint",
     "real_sparsity",
     "register",
     "top_k_mask",

@@ -1,10 +1,14 @@
-"""Plain weights from a checkpoint written during training, without a model or this package's callback."""
+"""Plain weights from a checkpoint written during training, without a model or this package's callback; checkpoint
+files are read with ``torch.load(weights_only=True)`` (:func:`load_checkpoint`)."""
 
 from __future__ import annotations
 
 import os
+import pathlib
+import pickle
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -15,6 +19,73 @@ from .compatibility import METADATA_KEY
 
 LEGACY_CONFIG_KEY = "_block_pruning_config"  # state_dict entry of sapp_lightning 0.1 checkpoints
 CALLBACK_STATE_KEY = "BlockPruning"
+
+#: What a checkpoint may hold beyond ``torch.load(weights_only=True)``'s own allowlist (tensors, plain containers,
+#: ``OrderedDict``, dtypes, devices). Lightning's checkpoints and this package's state (the callback's, the app's
+#: settings and checksum, the data loaders' positions, optimizer and scheduler states) need nothing more; paths are
+#: allowed for a module's or data module's ``save_hyperparameters()`` (a data folder): rebuilding one runs no code of
+#: the file's choosing.
+SAFE_GLOBALS: tuple[type, ...] = (
+    pathlib.PosixPath,
+    pathlib.WindowsPath,
+    pathlib.PurePosixPath,
+    pathlib.PureWindowsPath,
+)
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file holds a pickled object beyond tensors and plain data (a function, a class of its own):
+    it was refused, since unpickling it could run code."""
+
+
+def allow_safe_globals() -> None:
+    """Allow :data:`SAFE_GLOBALS` in every ``torch.load(weights_only=True)`` of this process (Lightning's resume
+    included). Idempotent."""
+    torch.serialization.add_safe_globals(list(SAFE_GLOBALS))
+
+
+def load_checkpoint(path: str | os.PathLike | IO[bytes], map_location: Any = "cpu", *, trusted: bool = False) -> Any:
+    """``torch.load`` a checkpoint file safely: ``weights_only=True``, with :data:`SAFE_GLOBALS` allowed.
+
+    Anything else (a pickled function or class, e.g. a ``functools.partial`` or a custom object in the
+    hyperparameters) raises :class:`UnsafeCheckpointError` naming its type. ``trusted=True`` opens a file you
+    vouch for with ``weights_only=False``, which runs whatever code the file asks for.
+
+    Example:
+        >>> import io, torch
+        >>> buffer = io.BytesIO()
+        >>> torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, buffer)
+        >>> _ = buffer.seek(0)
+        >>> load_checkpoint(buffer)["epoch"]
+        3
+    """
+    if trusted:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    allow_safe_globals()
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" not in str(err):  # not a forbidden type: a damaged file
+            raise
+        names = _unsafe_globals(path) or sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(err))))
+        where = f"checkpoint {path}" if isinstance(path, str | os.PathLike) else "the checkpoint"
+        raise UnsafeCheckpointError(
+            f"{where} holds {', '.join(names)}, beyond tensors and plain data: it was not opened, since unpickling "
+            "it could run code. Open only a file you trust, with trusted=True (sapp-train: trusted=true)"
+        ) from None
+
+
+def _unsafe_globals(path: Any) -> list[str]:
+    """Every type the file needs that is not allowed (``[]`` where torch cannot say, before 2.5)."""
+    find = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if find is None:
+        return []
+    if hasattr(path, "seek"):
+        path.seek(0)
+    try:
+        return list(find(path))
+    except Exception:  # noqa: BLE001 - the names only improve the message
+        return []
 
 
 def _configs_by_root(checkpoint: Mapping[str, Any], state: Mapping[str, Any], config: Any) -> dict[str, dict]:
@@ -38,7 +109,10 @@ def _configs_by_root(checkpoint: Mapping[str, Any], state: Mapping[str, Any], co
 
 @torch.no_grad()
 def committed_state_dict(
-    checkpoint: str | os.PathLike | Mapping[str, Any], config: Mapping[str, Any] | Any | None = None
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    config: Mapping[str, Any] | Any | None = None,
+    *,
+    trusted: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The plain state_dict that the commit would leave, from a checkpoint written during training.
 
@@ -48,12 +122,14 @@ def committed_state_dict(
     the model without this package. On CPU the result is bit-identical to the commit's.
 
     Args:
-        checkpoint: a path to a Lightning checkpoint (loaded on CPU, ``weights_only=False``: only open
-            checkpoints you trust), a loaded checkpoint (a dict with ``"state_dict"`` and the callback's state),
-            or a model state_dict (its metadata records the configuration when it came from ``model.state_dict()``).
+        checkpoint: a path to a Lightning checkpoint (loaded on CPU by :func:`load_checkpoint`: tensors and plain
+            data only), a loaded checkpoint (a dict with ``"state_dict"`` and the callback's state), or a model
+            state_dict (its metadata records the configuration when it came from ``model.state_dict()``).
             One without BlockPruning state (e.g. already committed) is returned unchanged.
         config: the pruning settings, for a state_dict that lost its metadata: ``BlockPruning.config()``,
             ``BlockSparsifier.config()``, the ``"config"`` of the callback's saved state, or the object itself.
+        trusted: open a checkpoint file that holds other pickled objects (refused by default with
+            :class:`UnsafeCheckpointError`, since unpickling them can run code): only for a file you trust.
 
     Example:
         >>> import torch
@@ -62,7 +138,7 @@ def committed_state_dict(
         torch.Size([2, 2])
     """
     if isinstance(checkpoint, str | os.PathLike):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(checkpoint, trusted=trusted)
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"expected a checkpoint path, a checkpoint dict or a state_dict, got {type(checkpoint)!r}")
     state = checkpoint["state_dict"] if isinstance(checkpoint.get("state_dict"), Mapping) else checkpoint

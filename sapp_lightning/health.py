@@ -71,16 +71,24 @@ def warn_on_layers_that_stay_dense(chosen: Sequence[Candidate], sparsity: float,
         )
 
 
-def warn_when_short_of_target(layers: Sequence[PrunedLayer], sparsity: float, where: str, who: str) -> None:
-    """Warn when training ended with layers keeping more blocks than the target allows (``where`` says why)."""
-    short = [
-        f"{layer.name} keeps {layer.num_kept} of {layer.layout.num_blocks} (target {target})"
-        for layer in layers
-        if layer.num_kept > (target := keep_count(layer.layout.num_blocks, sparsity))
-    ]
+def warn_when_short_of_target(
+    layers: Sequence[PrunedLayer], sparsity: float, where: str, who: str, ranking: str = "layer"
+) -> None:
+    """Warn when training ended with layers keeping more blocks than the target allows (``where`` says why).
+    Under ``ranking="global"`` the layers end at sparsities of their own: only the total has a target."""
+    total = sum(layer.layout.num_blocks for layer in layers)
+    kept = sum(layer.num_kept for layer in layers)
+    if ranking == "global":
+        target = max(len(layers), total - round(sparsity * total))
+        short = [f"the pruned layers keep {kept} of {total} blocks (target {target})"] if kept > target else []
+    else:
+        short = [
+            f"{layer.name} keeps {layer.num_kept} of {layer.layout.num_blocks} (target {target})"
+            for layer in layers
+            if layer.num_kept > (target := keep_count(layer.layout.num_blocks, sparsity))
+        ]
     if short:
-        total = sum(layer.layout.num_blocks for layer in layers)
-        achieved = 1 - sum(layer.num_kept for layer in layers) / max(1, total)
+        achieved = 1 - kept / max(1, total)
         rank_zero_warn(
             f"{who}: training ended at {achieved:.2%} block sparsity, below the target "
             f"{sparsity:.2%}: {'; '.join(short[:10])} ({where})"

@@ -393,7 +393,7 @@ class BlockSparsifier:
             where = f"training stopped after {self.steps_done} of the {planned} steps of the plan"
         else:
             where = "stopped before the plan's final sparse phase?"
-        health.warn_when_short_of_target(self.layers, self.sparsity, where, self.owner)
+        health.warn_when_short_of_target(self.layers, self.sparsity, where, self.owner, self.ranking)
         for layer in self.layers:
             layer.commit()
         for hook in self._hooks:
@@ -450,8 +450,9 @@ class BlockSparsifier:
         else:
             self._prune_to([self.sparsity] * len(self.layers), regrowth=False)
 
-    def _scores(self, layer: PrunedLayer) -> Tensor:
-        scores = self.algorithm.block_scores(layer)
+    def _scores(self, layer: PrunedLayer, across_layers: bool = False) -> Tensor:
+        # across layers: on a scale shared by all of them (SA++: the attention, not each layer's raw logits)
+        scores = (self.algorithm.global_block_scores if across_layers else self.algorithm.block_scores)(layer)
         return health.check_scores(layer, scores, self.algorithm.importance_name, self.owner)
 
     def _prune_to(self, sparsities: list[float], regrowth: bool) -> None:
@@ -473,7 +474,7 @@ class BlockSparsifier:
         keep = max(len(self.layers), total - round(pruned_blocks))
         if keep >= sum(layer.num_kept for layer in self.layers) and not regrowth:
             return
-        scores = torch.cat([self._scores(layer).reshape(-1).float() for layer in self.layers])
+        scores = torch.cat([self._scores(layer, across_layers=True).reshape(-1).float() for layer in self.layers])
         eligible = None if regrowth else torch.cat([layer.mask.reshape(-1) for layer in self.layers])
         mask = top_k_mask(scores, keep, eligible=eligible)
         for layer, part in zip(self.layers, mask.split([layer.layout.num_blocks for layer in self.layers])):

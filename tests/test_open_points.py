@@ -3,6 +3,9 @@ and its default is the spec's."""
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,6 +116,15 @@ def test_clip_ties_rank_blocks_at_the_bound_by_logit_or_by_index():
     assert kept == {"logit": [12, 13, 14, 15], "index": [10, 11, 12, 13]}
 
 
+def test_clip_ties_default_says_plainly_that_it_differs_from_the_spec():
+    # SPEC 1.10 / #12 rank the clipped attention with ties to the lower index; the default ranks by the unclipped logit
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| 12 |"))
+    assert "`clip_ties`" in row and "**not the spec's**" in row and 'Why `clip_ties="logit"` differs' in readme
+    assert "**The default differs from the spec**" in SequentialAttentionPP.__doc__
+    assert SequentialAttentionPP().clip_ties == "logit"
+
+
 def test_clip_bounds():
     s = sparsifier(clip_bounds=(0.9, 1.1), logit_init_std=1.0)
     s.prepare(TinyNet())
@@ -160,6 +172,31 @@ def test_global_ranking_reaches_the_target_over_all_layers_not_in_each():
     assert sum(kept_global) == total - round(0.75 * total)
     assert kept_global != [keep_count(n, 0.75) for n in PRUNED.values()]  # layers end at other sparsities
     assert [layer.num_kept for layer in local.layers] == [keep_count(n, 0.75) for n in PRUNED.values()]
+    with warnings.catch_warnings(record=True) as caught:  # the total is on target: no layer is "below" its own
+        warnings.simplefilter("always")
+        glob.commit()
+    assert not [w for w in caught if "below the target" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(attention_clipping=False), dict(clip_ties="index"), dict(softmax_over="kept")],
+    ids=["logit", "unclipped", "index", "over_kept"],
+)
+def test_global_ranking_compares_each_layers_attention_not_its_raw_logits(options):
+    # two layers whose logits differ by a constant: the same attention N * softmax(L), other raw logits
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))  # 4 x 4 = 16 blocks each
+    s = BlockSparsifier("sapp", 0.5, 4, min_blocks=1, plan=[("sparse", 1.0)], ranking="global", **options)
+    s.prepare(model)
+    logits = torch.linspace(-1.0, 1.0, 16)[torch.randperm(16, generator=torch.Generator().manual_seed(0))]
+    with torch.no_grad():
+        s.layers[0].reparam.logits.view(-1).copy_(logits)
+        s.layers[1].reparam.logits.view(-1).copy_(logits + 5.0)
+    assert torch.allclose(*attention_of(s))
+    s.start(1)
+    first, second = (layer.mask for layer in s.layers)
+    assert (int(first.sum()), int(second.sum())) == (8, 8) and torch.equal(first, second)
+    assert first.view(-1).nonzero().flatten().tolist() == logits.topk(8).indices.sort().values.tolist()
 
 
 def test_an_unknown_algorithm_option_is_refused_and_another_algorithms_is_ignored():

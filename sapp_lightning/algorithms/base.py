@@ -261,6 +261,11 @@ class PruningAlgorithm:
         with torch.no_grad():
             return layer.layout.block_sq_norms(layer.effective_weight())
 
+    def global_block_scores(self, layer: PrunedLayer) -> Tensor:
+        """:meth:`block_scores` on a scale shared by every layer, for one ranking over all of them
+        (``ranking="global"``); default: the block scores themselves (block norms compare across layers)."""
+        return self.block_scores(layer)
+
     def block_importance(self, layer: PrunedLayer) -> Tensor:
         """The score in readable units (same order as :meth:`block_scores`): here the block's Frobenius norm."""
         return self.block_scores(layer).sqrt()

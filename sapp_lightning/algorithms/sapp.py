@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -115,8 +116,14 @@ class SequentialAttentionPP(PruningAlgorithm):
         score: what ranks the blocks: ``"attention"`` (default) or ``"magnitude"``, the Frobenius norm of each
             block of the effective weight ``W * A`` with the same schedule, resets and phases (the paper's
             Fig. 2(a) comparison).
-        clip_ties: how blocks tied at a clipping bound are ranked: by their unclipped ``"logit"`` (default)
-            or by ``"index"`` (ranking the clipped attention, ties to the lower index, #12).
+        clip_ties: how blocks tied at a clipping bound are ranked: by their unclipped ``"logit"`` (default) or by
+            ``"index"`` (ranking the clipped attention, ties to the lower index: SPEC section 1.10 and #12).
+            **The default differs from the spec**: blocks whose attention is clipped all read the same value, and
+            with ``"index"`` those at a bound are kept in index order (the kernel's first rows), which says nothing
+            about them; the unclipped logit keeps the attention's own order (softmax is monotone). The two agree
+            wherever no tie at a bound decides (with the default bounds ``[1 - s, 1 / (1 - s)]`` at most ``k``
+            blocks can reach the upper one, since the attention sums to ``N``, so only ties at the lower bound
+            matter). ``"logit"`` was the ranking before the option existed: every SA++ result here used it.
         prune_mode: ``"mask"`` (default, Algorithm 1) keeps pruned values under a zero mask; ``"zero"`` also
             zeroes them when they are pruned, so regrown blocks restart from 0 (#8).
 
@@ -205,6 +212,19 @@ class SequentialAttentionPP(PruningAlgorithm):
             with torch.no_grad():
                 return _attention_of(layer).attention()
         return _attention_of(layer).logits.detach()
+
+    def global_block_scores(self, layer: PrunedLayer) -> Tensor:
+        """Scores that compare across layers (``ranking="global"``): with the per-layer softmax (#2) each layer's
+        logits have their own normaliser, so they are put on the attention's scale, ``log(N * softmax(L)) =
+        L - logsumexp(L) + log N`` (over the kept blocks with ``softmax_over="kept"``), unclipped like the
+        ``"logit"`` ranking; ``clip_ties="index"`` ranks the clipped attention itself, which is already normalised.
+        Within a layer the order is :meth:`block_scores`'."""
+        if self.score == "magnitude" or self.clip_ties == "index" or self.softmax_scope == "global":
+            return self.block_scores(layer)  # block norms, the attention, or logits sharing one normaliser
+        reparam = _attention_of(layer)
+        logits = reparam.logits.detach().float()
+        domain = logits[reparam.block_mask] if reparam.over_kept else logits.reshape(-1)
+        return logits - torch.logsumexp(domain, dim=0) + math.log(domain.numel())
 
     def block_importance(self, layer: PrunedLayer) -> Tensor:
         if self.score == "magnitude":

@@ -3,6 +3,7 @@ that the file is whole and the configuration the same, and requeueing on SLURM's
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import signal
@@ -16,14 +17,16 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ..checkpoint import UnsafeCheckpointError, allow_safe_globals, load_checkpoint
+
 log = logging.getLogger(__name__)
 
 RUN_CONFIG_KEY = "sapp_train_config"
 CHECKSUM_KEY = "sapp_train_checksum"
 # Settings that do not change what a run computes: they may differ between a run and its resumption.
 IGNORED_ON_RESUME = (
-    "output_dir", "name", "test", "ckpt_path", "resume_check", "slurm", "logger", "callbacks", "hydra",
-    "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.default_root_dir",
+    "output_dir", "name", "variant", "test", "ckpt_path", "resume_check", "trusted", "slurm", "logger", "callbacks",
+    "hydra", "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.default_root_dir",
     "trainer.enable_model_summary", "trainer.enable_checkpointing", "trainer.accelerator",
     "data.num_workers", "data.path", "data.root", "data.data_dir", "data.cache_dir", "data.download",
     "pruning.verify_masks_across_ranks", "pruning.check_finite_every_n_steps",
@@ -135,15 +138,18 @@ def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
 
 
 def check_checkpoint(path: Path, cfg: DictConfig) -> None:
-    """Fail before training when ``path`` cannot be read (cut off or damaged), or was written by a run whose
-    results-changing settings differ from ``cfg`` (unless ``resume_check=false``)."""
+    """Fail before training when ``path`` holds more than tensors and plain data (:func:`load_checkpoint`; unless
+    ``trusted=true``), cannot be read (cut off or damaged), or was written by a run whose results-changing settings
+    differ from ``cfg`` (unless ``resume_check=false``)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(path, trusted=bool(cfg.get("trusted", False)))
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise ValueError("it holds no state_dict")
         expected = checkpoint.pop(CHECKSUM_KEY, None)
         if expected is not None and tensor_checksum(checkpoint) != expected:
             raise ValueError("the checksum of its tensors differs from the one recorded when it was written")
+    except UnsafeCheckpointError:
+        raise
     except Exception as err:  # noqa: BLE001 - any failure to read means the same to the user
         others = sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: p.stat().st_mtime)
         hint = f"resume from the previous one, ckpt_path={others[-1]}" if others else "no other checkpoint is there"
@@ -160,6 +166,16 @@ def check_checkpoint(path: Path, cfg: DictConfig) -> None:
             f"checkpoint {path} was written by a run with other settings: {'; '.join(diffs)}. Resume with the same "
             "settings (recipe and overrides), or pass resume_check=false to continue anyway"
         )
+
+
+def resume_load_options(trainer: pl.Trainer, cfg: DictConfig) -> dict[str, Any]:
+    """``trainer.fit``'s arguments for reading the checkpoint it resumes from: ``weights_only=True`` with
+    :data:`~sapp_lightning.checkpoint.SAFE_GLOBALS` allowed, or ``weights_only=False`` with ``trusted=true``
+    (a Lightning without that argument uses torch's default, after :func:`check_checkpoint` read the file safely)."""
+    allow_safe_globals()
+    if "weights_only" not in inspect.signature(trainer.fit).parameters:
+        return {}
+    return {"weights_only": not cfg.get("trusted", False)}
 
 
 class Preempted(Exception):

@@ -1,5 +1,5 @@
-"""Figures: a run's block sparsity over training (the paper's Fig. 2(b)) and a sweep's validation metric
-against sparsity, one panel per block size (the paper's Fig. 4 and 5).
+"""Figures: a run's block sparsity over training (the paper's Fig. 2(b)), runs' training accuracy over training (Fig.
+3) and a sweep's validation metric against sparsity, one panel per block size (the paper's Fig. 4 and 5).
 
 Everything is built from files, after the fact: a run's CSV log (``<run>/csv/version_N/metrics.csv``, the app's
 default logger), a sweep's ``results.json`` files, or the JSON lines of ``bench/quality.py``. Command line::
@@ -7,6 +7,7 @@ default logger), a sweep's ``results.json`` files, or the JSON lines of ``bench/
     python -m sapp_lightning.app.results runs/demo --plot            # a sweep: the comparison + each run's curve
     python -m sapp_lightning.app.plots runs/2026-12-03/17-12-50  # one run's sparsity_curve.png
     python -m sapp_lightning.app.plots bench/results/images.jsonl bench/results/ctr.jsonl --out docs/figures
+    python -m sapp_lightning.app.plots runs/fig3 --train-acc runs/fig3/train_acc.png  # training accuracy (Fig. 3)
 
 matplotlib is an app extra (``pip install 'sapp_lightning[app]'``), imported only when a figure is drawn. The
 figures are drawn on ``matplotlib.figure.Figure`` objects (the Agg canvas), never through pyplot's global state,
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import logging
 import math
@@ -409,6 +411,96 @@ def log_sparsity_curve(trainer: pl.Trainer, run_dir: str | Path) -> Path | None:
         if isinstance(logger, WandbLogger):
             logger.log_image("pruning/sparsity_curve", [figure_image(fig)], step=trainer.global_step)
     return path
+
+
+# --- training accuracy over steps ------------------------------------------------------------------------------
+TRAIN_ACC = "train/acc"
+_LINE_STYLES = ("-", (0, (5, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2)))
+
+
+def read_train_accuracy(source: str | Path) -> tuple[list[int], list[float]]:
+    """``(steps, accuracy)`` from the ``train/acc`` column of a run's CSV log (``metrics.csv`` or a run folder): the
+    top-1 accuracy of the training batch at each logged optimizer step (where a resumed run logged a step twice,
+    the later row).
+
+    Example:
+        >>> import tempfile
+        >>> csv = Path(tempfile.mkdtemp()) / "metrics.csv"
+        >>> _ = csv.write_text("epoch,step,train/acc,val/acc\\n0,9,0.5,\\n0,19,0.75,\\n0,19,,0.7\\n")
+        >>> read_train_accuracy(csv)
+        ([9, 19], [0.5, 0.75])
+    """
+    path = find_metrics_csv(source)
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    by_step = {int(float(r["step"])): float(r[TRAIN_ACC]) for r in rows if r.get("step") and r.get(TRAIN_ACC)}
+    if not by_step:
+        raise ValueError(
+            f"{path} logs no {TRAIN_ACC}: the image classifier logs it (a CTR model does not), or training ended "
+            "before the first log_every_n_steps"
+        )
+    steps = sorted(by_step)
+    return steps, [by_step[step] for step in steps]
+
+
+def run_sources(sources: Sequence[str | Path]) -> list[Path]:
+    """Each source as run logs: a sweep folder (several ``results.json``) becomes the folder of each run."""
+    runs: list[Path] = []
+    for source in map(Path, sources):
+        found = sorted(source.rglob("results.json")) if source.is_dir() else []
+        runs += [p.parent for p in found] if len(found) > 1 else [source]
+    return runs
+
+
+def _run_label(info: dict[str, Any], path: Path) -> str:
+    if not info:
+        return str(path)
+    label = METHOD_NAMES.get(info.get("algorithm", ""), info.get("algorithm", "?"))
+    if info.get("algorithm") not in (None, "dense", "none"):
+        label += f" {float(info.get('sparsity', 0)):.0%} {info.get('block_size')}x{info.get('block_size')}"
+    variant = f" {info['variant']}" if info.get("variant") else ""
+    return f"{label}{variant} seed {info.get('seed')}"
+
+
+def train_accuracy_figure(sources: Sequence[str | Path], smooth: int | None = None, title: str | None = None) -> Figure:
+    """Training accuracy against the optimizer step, one line per run: the paper's Fig. 3 (ACDC against SA++ at 90%
+    sparsity with 32x32 blocks) from the runs' CSV logs.
+
+    ``sources``: run folders, ``metrics.csv`` files or sweep folders (each run of a sweep). Each run's logged batch
+    accuracies are drawn faintly, and over them their running mean over ``smooth`` logged steps (default: a 50th of
+    the longest run's points). The colour is the method's; runs of one method differ in line style.
+    """
+    Figure, FigureCanvasAgg = _matplotlib()
+    runs = run_sources(sources)
+    curves = [(path, *read_train_accuracy(path)) for path in runs]
+    window = smooth or max(1, max(len(steps) for _, steps, _ in curves) // 50)
+    fig = Figure(figsize=(9, 4.5), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    seen: dict[str, int] = defaultdict(int)
+    for path, steps, values in curves:
+        info = _run_info(find_metrics_csv(path)) or {}
+        method = info.get("algorithm", "")
+        color, style = METHOD_COLORS.get(method, "#000000"), _LINE_STYLES[seen[method] % len(_LINE_STYLES)]
+        seen[method] += 1
+        percent = [100 * v for v in values]
+        ax.plot(steps, percent, color=color, lw=0.6, alpha=0.25)
+        # running mean over the last `window` logged points (a short window at the start)
+        totals = [0.0, *itertools.accumulate(percent)]
+        mean = [(totals[i + 1] - totals[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(percent))]
+        ax.plot(steps, mean, color=color, ls=style, lw=1.8, label=_run_label(info, path))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training accuracy (%)")
+    ax.grid(alpha=0.3)
+    what = f"top-1 on each logged batch; lines: mean over {window} logged steps"
+    ax.set_title(title or f"training accuracy over training ({what})", fontsize=10)
+    ax.legend(fontsize=8, frameon=False, loc="lower right")
+    return fig
+
+
+def save_train_accuracy(sources: Sequence[str | Path], out: str | Path, smooth: int | None = None) -> Path:
+    """Draw :func:`train_accuracy_figure` and save it as the PNG ``out``."""
+    return save_figure(train_accuracy_figure(sources, smooth), out)
 
 
 # --- results against sparsity ----------------------------------------------------------------------------------
@@ -844,8 +936,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the .jsonl sources together: SA++ with attention against magnitude scores (Fig. 2(a)), as "
         f"OUT/{SCORE_FIGURE}",
     )  # fmt: skip
+    parser.add_argument(
+        "--train-acc", type=Path, metavar="OUT.png",
+        help="the sources together (run or sweep folders, metrics.csv): training accuracy over steps, one line per "
+        "run (the paper's Fig. 3), as OUT.png",
+    )  # fmt: skip
+    parser.add_argument(
+        "--smooth", type=int, help="with --train-acc: the running mean's window in logged steps (default: automatic)"
+    )
     args = parser.parse_args(argv)
     try:
+        if args.train_acc:
+            print(f"wrote {save_train_accuracy(args.sources, args.train_acc, args.smooth)}")
+            return 0
         if args.score_difference:
             print(f"wrote {plot_score_difference(args.sources, args.out or args.sources[0].parent)}")
             return 0

@@ -42,6 +42,7 @@ from .checkpoints import (
     check_checkpoint,
     checkpoint_dir,
     resolve_ckpt_path,
+    resume_load_options,
 )
 from .configs import CONFIG_DIR
 from .history import PruningHistory
@@ -197,7 +198,8 @@ def _fit_and_report(cfg, trainer, module, datamodule, pruning, history, ckpt_pat
         pruning.sparsifier.add_listener(attention)
     started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        resume = dict(ckpt_path=str(ckpt_path), **resume_load_options(trainer, cfg)) if ckpt_path else {}
+        trainer.fit(module, datamodule=datamodule, **resume)
     except Preempted as stop:
         log.info("preempted: %s; the requeued job resumes from this run folder", stop)
         return None
@@ -217,6 +219,7 @@ def _fit_and_report(cfg, trainer, module, datamodule, pruning, history, ckpt_pat
         "sparsity": float(cfg.pruning.sparsity) if cfg.pruning.algorithm != "dense" else 0.0,
         "block_size": cfg.pruning.block_size,
         "seed": cfg.seed,
+        **({"variant": cfg.variant} if cfg.get("variant") else {}),  # a recipe's label: its own rows in the table
         "data": cfg.data._target_.rsplit(".", 1)[-1],
         "model": cfg.model.net._target_.rsplit(".", 1)[-1],
         "task": cfg.model.task,

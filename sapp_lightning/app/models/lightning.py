@@ -60,6 +60,8 @@ class ImageClassifier(pl.LightningModule):
     scaled linearly with the actual global batch, ``datamodule.batch_size x devices x accumulation``
     (the ImageNet recipe: 0.8 at 2048). ``logit_lr_scale`` multiplies the learning rate of SA++'s attention
     logits (they are created by ``BlockPruning`` before ``configure_optimizers`` runs); the paper uses 1.
+    Logs ``train/loss`` and ``train/acc`` (top-1 on each training batch: the paper's Fig. 3) every step, and
+    ``{val,test}/{loss,acc}``.
     """
 
     def __init__(
@@ -78,6 +80,8 @@ class ImageClassifier(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net
+        # validate_args=False: the check counts the labels' distinct values, a host sync on every training step
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
@@ -86,8 +90,12 @@ class ImageClassifier(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
+        # the batch's accuracy stays on the device until Lightning writes the logs (every log_every_n_steps)
+        self.train_acc(logits.detach(), y)
+        self.log("train/acc", self.train_acc)
         return loss
 
     def _evaluate(self, batch, stage: str, accuracy: MulticlassAccuracy) -> None:
