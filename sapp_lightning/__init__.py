@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .algorithms import ALGORITHMS, PruningAlgorithm, register
     from .blocks import BlockLayout, keep_count, top_k_mask
     from .callback import BlockPruning
-    from .checkpoint import UnsafeCheckpointError, committed_state_dict, load_checkpoint
+    from .checkpoint import UnsafeCheckpointError, allow_safe_globals, committed_state_dict, load_checkpoint
     from .events import LayerState, Lifecycle, PruningEvent
     from .report import LayerSparsity, SparsityReport, block_sparsity, real_sparsity
     from .schedules import AutoPlan, Phase, PhasePlan, exponential_sparsity
@@ -37,6 +37,7 @@ _EXPORTS = {
     "keep_count": ".blocks",
     "top_k_mask": ".blocks",
     "BlockPruning": ".callback",
+    "allow_safe_globals": ".checkpoint",
     "committed_state_dict": ".checkpoint",
     "load_checkpoint": ".checkpoint",
     "UnsafeCheckpointError": ".checkpoint",
@@ -69,6 +70,7 @@ __all__ = [
     "PruningEvent",
     "SparsityReport",
     "UnsafeCheckpointError",
+    "allow_safe_globals",
     "block_sparsity",
     "committed_state_dict",
     "exponential_sparsity",

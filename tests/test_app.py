@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from datagen import make_criteo_tsv, make_fashion_dir, make_imagefolder
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 from sapp_lightning import BlockPruning
 from sapp_lightning.app.configs import CONFIG_DIR, RECIPES_DIR
 from sapp_lightning.app.results import main as results_main
+from sapp_lightning.app.synthetic import make_criteo_tsv, make_fashion_dir, make_imagefolder
 from sapp_lightning.app.train import build_pruning, run
 
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))

@@ -152,7 +152,7 @@ def test_the_benchmark_settings_compose_validation_once_at_the_end_and_no_extras
 
 
 def test_a_config_override_reaches_a_benchmark_run(tmp_path):
-    from datagen import make_fashion_dir
+    from sapp_lightning.app.synthetic import make_fashion_dir
 
     data = tmp_path / "fmnist"
     make_fashion_dir(data, n_train=120, n_test=20)

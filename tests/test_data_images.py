@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from datagen import make_fashion_dir, write_idx
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 from sapp_lightning.app.data import fashion_mnist
 from sapp_lightning.app.data.fashion_mnist import MEAN, STD, FashionMNISTDataModule, collate_batch
 from sapp_lightning.app.data.imagenet import ImageNetDataModule
+from sapp_lightning.app.synthetic import make_fashion_dir, write_idx
 
 # ----------------------------------------------------------------------------------------------- Fashion-MNIST
 

@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from datagen import make_fashion_dir
 from test_app import compose_cfg
 
 from sapp_lightning.app.configs import RECIPES_DIR
 from sapp_lightning.app.results import summarize
+from sapp_lightning.app.synthetic import make_fashion_dir
 from sapp_lightning.app.train import build_pruning, run
 
 # recipe: (what --cfg job prints, the sweep's parameters)

@@ -517,11 +517,12 @@ def test_plots_cli_on_jsonl_and_on_a_run_folder(tmp_path, capsys, mpl):
 
 def test_a_real_app_run_logs_what_the_curve_reads(tmp_path, mpl):
     """Through the app: the CSV log of a short SA++ run has one band per phase of the callback's plan."""
-    from datagen import make_fashion_dir
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from sapp_lightning.app.train import CONFIG_DIR, run
+    from sapp_lightning.app.configs import CONFIG_DIR
+    from sapp_lightning.app.synthetic import make_fashion_dir
+    from sapp_lightning.app.train import run
 
     data = tmp_path / "fmnist"
     make_fashion_dir(data, n_train=300, n_test=20)

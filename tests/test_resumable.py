@@ -15,12 +15,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import make_trainer
-from datagen import make_criteo_tsv, make_fashion_dir, make_imagefolder, make_ml100k_dir
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
 from sapp_lightning.app.data import CriteoDataModule, FashionMNISTDataModule, ImageNetDataModule, MovieLensCTRDataModule
 from sapp_lightning.app.data.base import ResumableDataLoader, SeededItems, ShardedBatchSampler
+from sapp_lightning.app.synthetic import make_criteo_tsv, make_fashion_dir, make_imagefolder, make_ml100k_dir
 
 # ------------------------------------------------------------------------------------------ the four modules
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from datagen import make_fashion_dir
 from test_app import compose_cfg
 
 from sapp_lightning.app.checkpoints import AtomicCheckpointIO
+from sapp_lightning.app.synthetic import make_fashion_dir
 from sapp_lightning.app.train import run
 
 TESTS = Path(__file__).resolve().parent

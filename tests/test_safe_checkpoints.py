@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from datagen import make_fashion_dir
 from omegaconf import OmegaConf
 from test_app import compose_cfg
 
 from sapp_lightning import UnsafeCheckpointError, committed_state_dict, load_checkpoint
 from sapp_lightning.app.checkpoints import check_checkpoint
+from sapp_lightning.app.synthetic import make_fashion_dir
 from sapp_lightning.app.train import run
 
 SYSTEM = re.escape(f"{os.system.__module__}.system")  # posix.system

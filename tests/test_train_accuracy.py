@@ -4,11 +4,11 @@ CSV logs: the paper's Fig. 3 (ACDC against SA++ at 90%)."""
 from __future__ import annotations
 
 import pytest
-from datagen import make_fashion_dir
 from test_app import compose_cfg
 
 from sapp_lightning.app.plots import main as plots_main
 from sapp_lightning.app.plots import read_train_accuracy, train_accuracy_figure
+from sapp_lightning.app.synthetic import make_fashion_dir
 from sapp_lightning.app.train import run
 
 

@@ -17,7 +17,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..checkpoint import UnsafeCheckpointError, allow_safe_globals, load_checkpoint
+from sapp_lightning import UnsafeCheckpointError, allow_safe_globals, load_checkpoint
 
 log = logging.getLogger(__name__)
 

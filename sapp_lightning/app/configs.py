@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -41,8 +42,21 @@ def register_recipes(recipes: Path) -> list[str]:
     return names
 
 
+def config_groups() -> str:
+    """The config groups and their options, one line each, as ``sapp-train --help`` lists them: private
+    options (``_sparsifier``, a group's shared keys) are left out."""
+    groups = {"recipe": list(RECIPES)}
+    for folder in sorted(p for p in CONFIG_DIR.rglob("*") if p.is_dir()):
+        options = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+        if options:
+            groups[folder.relative_to(CONFIG_DIR).as_posix()] = options
+    groups["hydra/launcher"] = sorted({"basic", "joblib", *groups.get("hydra/launcher", [])})
+    return "\n".join(f"{name}: {', '.join(options)}" for name, options in groups.items())
+
+
 CONFIG_DIR, RECIPES_DIR = config_dirs()
 RECIPES = register_recipes(RECIPES_DIR)
+OmegaConf.register_new_resolver("sapp_config_groups", config_groups, replace=True)
 
 
 # --- the pruning group's arguments, generated from BlockSparsifier's signature -----------------------------

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 try:
-    import hydra
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
 except ImportError as err:  # pragma: no cover - depends on the installation
@@ -44,8 +43,8 @@ from .checkpoints import (
     resolve_ckpt_path,
     resume_load_options,
 )
-from .configs import CONFIG_DIR
 from .history import PruningHistory
+from .synthetic import smoke_config
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +94,17 @@ def build_loggers(cfg: DictConfig) -> list[pl.loggers.Logger]:
 
 
 def build_callbacks(
-    cfg: DictConfig, pruning: BlockPruning | None, history: PruningHistory | None, has_logger: bool
+    cfg: DictConfig,
+    pruning: BlockPruning | None,
+    history: PruningHistory | None,
+    has_logger: bool,
+    fast_dev_run: bool | int = False,
 ) -> list[pl.Callback]:
     callbacks = [instantiate(c) for c in (cfg or {}).values()]
     if not has_logger:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+    if fast_dev_run:  # Lightning says it suppresses checkpoints then, but ModelCheckpoint writes last.ckpt at the end
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ModelCheckpoint)]
     return callbacks + [c for c in (pruning, history) if c is not None]  # the history reads after the pruning
 
 
@@ -163,6 +168,8 @@ def pin_global_batch(cfg: DictConfig, datamodule: pl.LightningDataModule, traine
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Train one configuration and return (and save) its results; ``None`` when SLURM preempted it (requeued)."""
+    if cfg.get("smoke"):
+        cfg = smoke_config(cfg)
     check_accelerator(cfg)
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is not None:
@@ -174,7 +181,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     pruning = build_pruning(cfg.pruning, cfg.pruning_callback)
     history = PruningHistory(pruning.sparsifier, cfg.trainer.log_every_n_steps) if pruning else None
     loggers = build_loggers(cfg.logger)
-    callbacks = build_callbacks(cfg.callbacks, pruning, history, has_logger=bool(loggers))
+    fast = cfg.trainer.get("fast_dev_run", False)
+    callbacks = build_callbacks(cfg.callbacks, pruning, history, has_logger=bool(loggers), fast_dev_run=fast)
     trainer = build_trainer(cfg, callbacks, loggers)
     pin_global_batch(cfg, datamodule, trainer)
     try:
@@ -249,13 +257,7 @@ def _fit_and_report(cfg, trainer, module, datamodule, pruning, history, ckpt_pat
     return results
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns the validation metric so sweepers can optimize it."""
-    results = run(cfg)
-    key = "val/acc" if cfg.model.task == "classification" else "val/loss"
-    return None if results is None else results["val"].get(key)
+if __name__ == "__main__":  # python -m sapp_lightning.app.train: the same as sapp-train
+    from .cli import train
 
-
-if __name__ == "__main__":
-    main()
+    train()

@@ -31,6 +31,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = [
+    "MISSING_DATA",
+    "DatasetDownloadError",
+    "DatasetNotFoundError",
     "ResumableDataLoader",
     "SeededItems",
     "ShardedBatchSampler",
@@ -38,6 +41,18 @@ __all__ = [
     "collate_batch",
     "resolve_seed",
 ]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A data set is not where the configuration points; the message says where it looked and how to get it."""
+
+
+class DatasetDownloadError(RuntimeError):
+    """Downloading a data set failed (no network, say); the message says how else to get it."""
+
+
+#: what ``sapp-train`` reports as one paragraph instead of a traceback
+MISSING_DATA = (DatasetNotFoundError, DatasetDownloadError)
 
 
 def collate_batch(batch: Any) -> Any:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .base import SplitDataModule, collate_batch
+from .base import DatasetDownloadError, DatasetNotFoundError, SplitDataModule, collate_batch
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -205,7 +205,7 @@ class FashionMNISTDataModule(SplitDataModule):
             for train in (True, False):
                 FashionMNIST(str(root), train=train, download=True)
         except Exception as err:  # any failure (no network, bad mirror, disk) gets the same advice
-            raise RuntimeError(
+            raise DatasetDownloadError(
                 f"Downloading Fashion-MNIST into {root} failed ({err}). " + _not_found_message(self.data_dir)
             ) from err
 
@@ -215,7 +215,7 @@ class FashionMNISTDataModule(SplitDataModule):
             return
         folder = find_fashion_mnist(self.data_dir)
         if folder is None:
-            raise FileNotFoundError(_not_found_message(self.data_dir))
+            raise DatasetNotFoundError(_not_found_message(self.data_dir))
         data = load_fashion_mnist(folder)
         n_train = len(data["train_labels"])
         if self.val_size >= n_train:

@@ -29,7 +29,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
-from .base import SplitDataModule
+from .base import DatasetNotFoundError, SplitDataModule
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,10 +63,10 @@ def val_transform(image_size: int = 224, val_resize: int = 256) -> transforms.Co
 def _check_layout(root: Path) -> list[str]:
     """The class names of ``root/train``, after checking that ``root/val`` has the same ones."""
     if not root.is_dir():
-        raise FileNotFoundError(f"ImageNet folder {root} does not exist; expected layout: {LAYOUT}")
+        raise DatasetNotFoundError(f"ImageNet folder {root} does not exist; expected layout: {LAYOUT}")
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise FileNotFoundError(f"ImageNet folder {root} has no '{split}' sub-folder; expected layout: {LAYOUT}")
+            raise DatasetNotFoundError(f"ImageNet folder {root} has no '{split}' sub-folder; expected layout: {LAYOUT}")
     # find_classes only lists sub-folders: cheap even for ImageNet, so num_classes is known at construction.
     train_classes, _ = find_classes(str(root / "train"))
     val_classes, _ = find_classes(str(root / "val"))

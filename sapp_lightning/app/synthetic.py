@@ -1,14 +1,23 @@
-"""Tiny data sets in the real on-disk formats (IDX.gz, ImageFolder, Criteo TSV) for app tests."""
+"""Tiny data sets in the real on-disk formats (IDX.gz, ImageFolder, Criteo TSV, ml-100k), and the smoke run that
+trains a recipe on them in seconds: ``sapp-train recipe=NAME smoke=true`` reads generated data through the recipe's
+own data module, model and pruning, on the CPU, for a few steps of each epoch.
+
+Example:
+    >>> import tempfile
+    >>> overrides = smoke_overrides("FashionMNISTDataModule", Path(tempfile.mkdtemp()))
+    >>> [o for o in overrides if o.startswith("data.")]  # doctest: +ELLIPSIS
+    ['data.data_dir=.../fashion', 'data.val_size=20', 'data.batch_size=8', 'data.num_workers=0']
+"""
 
 from __future__ import annotations
 
 import gzip
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-
-from sapp_lightning.app.data.fashion_mnist import FILES as FASHION_FILES
 
 
 def write_idx(path: Path, array: np.ndarray, magic: int | None = None, gzipped: bool = True) -> None:
@@ -21,6 +30,8 @@ def write_idx(path: Path, array: np.ndarray, magic: int | None = None, gzipped: 
 
 def make_fashion_dir(folder: Path, n_train: int = 40, n_test: int = 10, seed: int = 0) -> dict[str, np.ndarray]:
     """The four gzipped IDX files with random images and labels 0..9; returns the arrays written."""
+    from .data.fashion_mnist import FILES
+
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {
@@ -30,7 +41,7 @@ def make_fashion_dir(folder: Path, n_train: int = 40, n_test: int = 10, seed: in
         "test_labels": np.arange(n_test)[::-1] % 10,
     }
     for key, array in arrays.items():
-        write_idx(folder / FASHION_FILES[key], array)
+        write_idx(folder / FILES[key], array)
     return arrays
 
 
@@ -63,7 +74,7 @@ def make_criteo_tsv(path: Path, rows: int = 700, seed: int = 0) -> Path:
 
 def make_ml100k_dir(folder: Path, users: int = 30, items: int = 40, ratings: int = 400, seed: int = 0) -> Path:
     """GroupLens' ml-100k layout with random rows: ``u.data`` (tabs), ``u.user`` and ``u.item`` (pipes, latin-1)."""
-    from sapp_lightning.app.data.movielens import GENRES
+    from .data.movielens import GENRES
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -87,19 +98,71 @@ def make_ml100k_dir(folder: Path, users: int = 30, items: int = 40, ratings: int
     return folder
 
 
-def write_all(root: Path) -> dict[str, Path]:
-    """Every data set a recipe reads, in its real format, under ``root`` (for ``.ci/wheel_check.sh``)."""
-    make_fashion_dir(root / "fashion", n_train=100, n_test=20)
-    return {
-        "fashion": root / "fashion",
-        "imagenet": make_imagefolder(root / "imagenet"),
-        "criteo": make_criteo_tsv(root / "criteo.txt"),
-        "movielens": make_ml100k_dir(root / "ml-100k"),
-    }
+def _fashion(folder: Path) -> Path:
+    make_fashion_dir(folder, n_train=100, n_test=20)
+    return folder
 
 
-if __name__ == "__main__":
-    import sys
+# --- smoke runs ----------------------------------------------------------------------------------------------
+# Per data module: write its data under a folder and return the overrides that read it (small batches, no workers).
+_SMOKE_DATA: dict[str, Callable[[Path], list[str]]] = {
+    "FashionMNISTDataModule": lambda root: [
+        f"data.data_dir={_fashion(root / 'fashion')}",
+        "data.val_size=20",
+        "data.batch_size=8",
+    ],
+    "ImageNetDataModule": lambda root: [
+        f"data.root={make_imagefolder(root / 'imagenet')}",
+        "data.image_size=32",
+        "data.val_resize=36",
+        "data.batch_size=2",
+    ],
+    "CriteoDataModule": lambda root: [
+        f"data.path={make_criteo_tsv(root / 'criteo.txt')}",
+        "data.table_size=50",
+        f"data.cache_dir={root / 'criteo_cache'}",
+        "data.batch_size=32",
+    ],
+    "MovieLensCTRDataModule": lambda root: [
+        f"data.data_dir={make_ml100k_dir(root / 'ml-100k')}",
+        "data.batch_size=8",
+        "data.val_fraction=0.2",
+        "data.test_fraction=0.2",
+        "data.download=false",
+    ],
+}
+# A few CPU steps of each of two epochs, every step logged; the batch is the data module's (global batch off).
+SMOKE_TRAINER = [
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "trainer.num_nodes=1",
+    "trainer.strategy=auto",
+    "trainer.sync_batchnorm=false",
+    "trainer.precision=32-true",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=5",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.log_every_n_steps=1",
+    "global_batch_size=null",
+]
 
-    for name, path in write_all(Path(sys.argv[1])).items():
-        print(f"{name}={path}")
+
+def smoke_overrides(data_module: str, root: Path) -> list[str]:
+    """Write the generated data a data module (its class name) reads under ``root``; the overrides for it."""
+    if data_module not in _SMOKE_DATA:
+        raise ValueError(f"smoke=true has no generated data for {data_module}; it knows {', '.join(_SMOKE_DATA)}")
+    return [*_SMOKE_DATA[data_module](root), "data.num_workers=0"] + SMOKE_TRAINER
+
+
+def smoke_config(cfg: Any) -> Any:
+    """``cfg`` turned into a smoke run: its data module on generated data (in the run folder's ``smoke_data``),
+    :data:`SMOKE_TRAINER`'s short CPU training."""
+    from omegaconf import OmegaConf, open_dict
+
+    overrides = smoke_overrides(cfg.data._target_.rsplit(".", 1)[-1], Path(cfg.output_dir) / "smoke_data")
+    with open_dict(cfg):
+        for override in overrides:
+            key, _, value = override.partition("=")
+            OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={value}"]).v, force_add=True)
+    return cfg
