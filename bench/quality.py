@@ -113,6 +113,9 @@ ABLATIONS: dict[str, list[str]] = {
     "gradual_logit_lr_x10": ["pruning.plan={setup}:0", "model.module.logit_lr_scale=10"],
     "gradual_logit_lr_x30": ["pruning.plan={setup}:0", "model.module.logit_lr_scale=30"],
     "gradual_logit_lr_x100": ["pruning.plan={setup}:0", "model.module.logit_lr_scale=100"],
+    # the same through the algorithm (any optimizer and schedule): A = N softmax(k L); SGD ~ lr x k^2, Adam ~ x k
+    "gradual_logit_scale_3": ["pruning.plan={setup}:0", "pruning.logit_scale=3.16"],
+    "gradual_logit_scale_10": ["pruning.plan={setup}:0", "pruning.logit_scale=10"],
     "gradual_logit_lr_x10_score_magnitude": [
         "pruning.plan={setup}:0",
         "model.module.logit_lr_scale=10",

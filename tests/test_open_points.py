@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import BLOCK, PRUNED, TinyNet, tiny_loader
 
-from sapp_lightning import BlockSparsifier, Phase, exponential_sparsity, keep_count
+from sapp_lightning import BlockLayout, BlockSparsifier, Phase, exponential_sparsity, keep_count
 from sapp_lightning.algorithms import SequentialAttentionPP
 
 PLAN = [("dense", 0.2), ("sparsify", 0.4), ("sparse", 0.4)]  # 40 steps: sparsify [8, 24), sparse [24, 40)
@@ -290,3 +290,29 @@ def test_resuming_a_run_that_set_a_knob_without_it_is_refused():
     fresh.prepare(TinyNet())
     with pytest.raises(ValueError, match=r"softmax_over: checkpoint 'kept', this callback None"):
         fresh.load_state_dict(saved.state_dict())
+
+
+def test_logit_scale_is_a_temperature_that_moves_the_attention_faster():
+    """A = N softmax(k L): the same logits give a sharper attention, and one SGD step on the logits moves the
+    attention's logits k^2 as far (a k times larger gradient, k times scaled): as a k^2 larger learning rate."""
+    torch.manual_seed(0)
+    layout = BlockLayout.for_weight(torch.zeros(8, 8), block_size=4)
+    plain, scaled = (SequentialAttentionPP(logit_scale=k).make_reparam(layout, 0.5) for k in (1.0, 3.0))
+    with torch.no_grad():
+        plain.logits.copy_(torch.tensor([[0.3, -0.1], [0.0, 0.2]]))
+        scaled.logits.copy_(plain.logits / 3)  # the same attention
+    torch.testing.assert_close(scaled.attention(), plain.attention())
+    weight = torch.randn(8, 8)
+    for reparam in (plain, scaled):
+        (reparam(weight) * torch.arange(64.0).reshape(8, 8)).sum().backward()
+    step = 0.01
+    moved_plain = -step * plain.logits.grad
+    moved_scaled = 3 * (-step * scaled.logits.grad)  # the change of k * logits
+    torch.testing.assert_close(moved_scaled, 9 * moved_plain)
+    assert SequentialAttentionPP(logit_scale=3.0).config()["logit_scale"] == 3.0
+    assert "logit_scale" not in SequentialAttentionPP().config()  # the default leaves old checkpoints matching
+
+
+def test_logit_scale_must_be_positive():
+    with pytest.raises(ValueError, match="logit_scale must be > 0, got 0"):
+        SequentialAttentionPP(logit_scale=0)

@@ -22,12 +22,12 @@ class AttentionGroup:
         self.members: list[BlockAttention] = []
 
     def log_normalizer(self) -> tuple[Tensor, int]:
-        logits = torch.cat([m.logits.float().reshape(-1) for m in self.members])
+        logits = torch.cat([m.scaled_logits().reshape(-1) for m in self.members])
         return torch.logsumexp(logits, dim=0), logits.numel()
 
 
 class BlockAttention(BlockReparam):
-    """``weight * expand(A * mask)`` with ``A = N * softmax(logits)`` over the layer's N blocks.
+    """``weight * expand(A * mask)`` with ``A = N * softmax(scale * logits)`` over the layer's N blocks.
 
     The logits start at 0 (``init_std`` > 0: normal noise of that size), so ``A`` is 1 everywhere and the layer is
     unchanged. ``clip`` bounds ``A`` to ``[clip, 1 / clip]`` (SPEC section 6 #3: ``clip = 1 - target sparsity``),
@@ -44,8 +44,10 @@ class BlockAttention(BlockReparam):
         init_std: float = 0.0,
         over_kept: bool = False,
         group: AttentionGroup | None = None,
+        scale: float = 1.0,
     ) -> None:
         super().__init__(layout)
+        self.scale = float(scale)
         self.logits = nn.Parameter(torch.zeros(layout.grid_shape, dtype=torch.float32))
         if init_std > 0:
             with torch.no_grad():
@@ -56,8 +58,13 @@ class BlockAttention(BlockReparam):
         if group is not None:
             group.members.append(self)
 
-    def attention(self) -> Tensor:
+    def scaled_logits(self) -> Tensor:
+        """``scale * logits`` in float32: what the softmax sees."""
         logits = self.logits.float()
+        return logits * self.scale if self.scale != 1.0 else logits
+
+    def attention(self) -> Tensor:
+        logits = self.scaled_logits()
         if self.group is not None:
             log_normalizer, n = self.group.log_normalizer()
             attention = n * torch.exp(logits - log_normalizer)
@@ -94,7 +101,8 @@ class BlockAttention(BlockReparam):
         return self
 
     def extra_repr(self) -> str:
-        return f"grid={tuple(self.logits.shape)}, clip={self.clip}"
+        scale = f", scale={self.scale:g}" if self.scale != 1.0 else ""
+        return f"grid={tuple(self.logits.shape)}, clip={self.clip}{scale}"
 
 
 @register("sapp")
@@ -110,6 +118,10 @@ class SequentialAttentionPP(PruningAlgorithm):
             the optimizer steps (so AMP scaling and gradient accumulation do not change it). ``None``: the weight
             decay of the pruned weights' parameter group, or 0 when the optimizer already decays the logits (#11).
         logit_init_std: the logits start as ``N(0, std^2)``; 0 (default, #1) makes ``A`` 1 everywhere.
+        logit_scale: the softmax sees ``logit_scale * logits`` (a temperature of ``1 / logit_scale``; 1, the
+            paper's, by default): an optimizer step then moves the attention ``logit_scale`` times as far under Adam
+            and ``logit_scale**2`` times under SGD, as a larger learning rate for the logits would, whatever
+            optimizer and schedule the user built.
         softmax_scope: ``"layer"`` (default, #2): a softmax over each layer's blocks times their number;
             ``"global"``: one softmax over the blocks of every pruned layer, times their total number.
         softmax_over: ``"all"`` blocks (default, #9, Algorithm 1) or only the ``"kept"`` ones.
@@ -140,7 +152,7 @@ class SequentialAttentionPP(PruningAlgorithm):
     #: defaults of the settings that are part of the configuration (only those that differ are listed)
     DEFAULTS: ClassVar[dict[str, Any]] = dict(
         clip_bounds=None, logit_init_std=0.0, softmax_scope="layer", softmax_over="all", score="attention",
-        clip_ties="logit",
+        clip_ties="logit", logit_scale=1.0,
     )  # fmt: skip
 
     def __init__(
@@ -154,6 +166,7 @@ class SequentialAttentionPP(PruningAlgorithm):
         softmax_over: str = "all",
         score: str = "attention",
         clip_ties: str = "logit",
+        logit_scale: float = 1.0,
         prune_mode: PruneMode | None = None,
     ) -> None:
         super().__init__(prune_mode)
@@ -161,6 +174,8 @@ class SequentialAttentionPP(PruningAlgorithm):
             raise ValueError(f"logit_l2 must be >= 0 or None, got {logit_l2!r}")
         if not (isinstance(logit_init_std, int | float) and logit_init_std >= 0):
             raise ValueError(f"logit_init_std must be >= 0, got {logit_init_std!r}")
+        if isinstance(logit_scale, bool) or not (isinstance(logit_scale, int | float) and logit_scale > 0):
+            raise ValueError(f"logit_scale must be > 0, got {logit_scale!r}")
         if clip_bounds is not None:
             clip_bounds = tuple(float(b) for b in clip_bounds)
             if len(clip_bounds) != 2 or not 0 < clip_bounds[0] <= clip_bounds[1]:
@@ -177,6 +192,7 @@ class SequentialAttentionPP(PruningAlgorithm):
         self.clip_bounds = clip_bounds
         self.logit_l2 = logit_l2
         self.logit_init_std = float(logit_init_std)
+        self.logit_scale = float(logit_scale)
         self.softmax_scope, self.softmax_over, self.score, self.clip_ties = (
             softmax_scope,
             softmax_over,
@@ -202,7 +218,12 @@ class SequentialAttentionPP(PruningAlgorithm):
         if self.attention_clipping:
             clip = self.clip_bounds or ((1.0 - sparsity) if sparsity > 0 else None)
         return BlockAttention(
-            layout, clip=clip, init_std=self.logit_init_std, over_kept=self.softmax_over == "kept", group=self._group
+            layout,
+            clip=clip,
+            init_std=self.logit_init_std,
+            over_kept=self.softmax_over == "kept",
+            group=self._group,
+            scale=self.logit_scale,
         )
 
     def block_scores(self, layer: PrunedLayer) -> Tensor:
@@ -222,7 +243,7 @@ class SequentialAttentionPP(PruningAlgorithm):
         if self.score == "magnitude" or self.clip_ties == "index" or self.softmax_scope == "global":
             return self.block_scores(layer)  # block norms, the attention, or logits sharing one normaliser
         reparam = _attention_of(layer)
-        logits = reparam.logits.detach().float()
+        logits = reparam.scaled_logits().detach()
         domain = logits[reparam.block_mask] if reparam.over_kept else logits.reshape(-1)
         return logits - torch.logsumexp(domain, dim=0) + math.log(domain.numel())
 
