@@ -1,8 +1,9 @@
 """Fused CPU kernels for the block parametrizations: one pass over the weight where eager PyTorch needs several.
 
-Opt-in (``use_fused_kernels(True)`` or ``SAPP_FUSED_KERNELS=1``): the kernels are C++ built on first use with
-``torch.utils.cpp_extension`` (about 30 s once per machine and torch version, then cached; it needs a C++ compiler),
-and any failure to build falls back to the eager code with one warning. Where they apply (CPU, float32, contiguous,
+On by default wherever they build; ``SAPP_FUSED_KERNELS=0`` or ``use_fused_kernels(False)`` turns them off. The
+kernels are C++ built on first use with ``torch.utils.cpp_extension`` (about 30 s once per machine and torch
+version, then cached; it needs a C++ compiler), and any failure to build falls back to the eager code with one
+warning. Where they apply (CPU, float32, contiguous,
 a first-order backward, outside ``torch.compile``), they replace:
 
 * SA++'s backward (:class:`~sapp_lightning.blocks._ScaleBlocks`): the weight's gradient ``g * A`` and the block sums
@@ -20,6 +21,7 @@ Every kernel sees a blocked tensor as 5-D ``(A0, a, A1, b, T)``, contiguous, wit
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import warnings
@@ -163,14 +165,28 @@ at::Tensor norm_scale_backward(at::Tensor g, at::Tensor v, at::Tensor norms, at:
 """
 
 _lock = threading.Lock()
-_state: dict[str, object] = {"enabled": os.environ.get("SAPP_FUSED_KERNELS", "0") == "1", "module": None}
+_state: dict[str, object] = {"enabled": os.environ.get("SAPP_FUSED_KERNELS", "1") != "0", "module": None}
+log = logging.getLogger(__name__)
 
 
 def use_fused_kernels(enabled: bool = True) -> bool:
     """Turn the fused CPU kernels on or off in this process; returns whether they are in use (building them on
-    first use when ``enabled``)."""
+    first use when ``enabled``).
+
+    Example:
+        >>> previous = fused_kernels_enabled()
+        >>> use_fused_kernels(False), fused_kernels_enabled()
+        (False, False)
+        >>> _ = use_fused_kernels(previous)
+    """
     _state["enabled"] = bool(enabled)
     return _module() is not None
+
+
+def fused_kernels_enabled() -> bool:
+    """Whether the fused kernels are asked for (``SAPP_FUSED_KERNELS`` unset or not ``0``, or
+    :func:`use_fused_kernels`); they still fall back to eager PyTorch where they cannot be built."""
+    return bool(_state["enabled"])
 
 
 def _module():
@@ -183,12 +199,14 @@ def _module():
                 try:
                     from torch.utils.cpp_extension import load_inline
 
+                    log.debug("building the fused CPU kernels (once per machine; SAPP_FUSED_KERNELS=0 skips them)")
                     _state["module"] = load_inline(
                         "sapp_lightning_fused_v1",
                         cpp_sources=_SOURCE,
                         functions=["scale_backward", "norm_scale_forward", "norm_scale_backward"],
                         extra_cflags=["-O3", "-fopenmp"],
                         extra_ldflags=["-fopenmp"],
+                        with_cuda=False,  # CPU kernels: no CUDA toolkit looked for (and no warning without one)
                     )
                 except Exception as error:  # no compiler, no headers, ...: the eager code does the same math
                     message = f"sapp_lightning: fused kernels unavailable, using eager PyTorch ({error})"
