@@ -272,9 +272,6 @@ class PhasePlan:
         ends[-1] = total_steps
         return StepSchedule(self, total_steps, tuple(ends))
 
-    def describe(self, total_steps: int) -> str:
-        return f"{len(self.segments)} phases over {total_steps} steps"
-
 
 @dataclass(frozen=True)
 class AutoPlan:
