@@ -11,7 +11,13 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "sapp_lightning"
 ADAPTERS = {"sapp_lightning.callback", "sapp_lightning.lightning", "sapp_lightning.huggingface"}
 #: what the app may import of the library: the package's root and its documented submodules
-PUBLIC = {"sapp_lightning", "sapp_lightning.algorithms", "sapp_lightning.export", "sapp_lightning.schedules"}
+PUBLIC = {
+    "sapp_lightning",
+    "sapp_lightning.algorithms",
+    "sapp_lightning.export",
+    "sapp_lightning.schedules",
+    "sapp_lightning.tables",
+}
 
 
 def module_name(path: Path) -> str:
