@@ -88,7 +88,7 @@ def test_cfg_job_prints_the_composed_config():
     assert "algorithm: dense" in out.stdout and "CriteoDataModule" in out.stdout
 
 
-FAST = ["+trainer.fast_dev_run=1", "trainer.accelerator=cpu", "trainer.devices=1", "logger=none"]
+FAST = ["trainer.fast_dev_run=1", "trainer.accelerator=cpu", "trainer.devices=1", "logger=none"]
 
 
 def test_resnet50_recipe_runs_on_an_imagefolder_tree(tmp_path):
@@ -174,7 +174,7 @@ def test_joblib_multirun_of_two_jobs_and_the_results_table(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "sapp_lightning.app.train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     cmd += ["recipe=fashion_mnist_demo", "pruning=dense,sapp", f"data.data_dir={data}", "data.val_size=20"]
-    cmd += ["+trainer.fast_dev_run=2", "logger=none", f"hydra.sweep.dir={sweep}"]
+    cmd += ["trainer.fast_dev_run=2", "logger=none", f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     subprocess.run(cmd, check=True, cwd=tmp_path, env=env, capture_output=True)
     results = sorted(json.loads(p.read_text())["algorithm"] for p in sweep.rglob("results.json"))
