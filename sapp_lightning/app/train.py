@@ -8,9 +8,9 @@ Examples (see the README and each recipe's first line)::
     sapp-train pruning=dense           # the dense baseline
     sapp-train recipe=criteo_paper --cfg job   # print the composed config
 
-Each run writes ``results.json`` and the committed weights (``model.pt``) into its output folder;
-``python -m sapp_lightning.app.results DIR`` gathers a sweep into a table. ``ckpt_path=PATH`` or ``ckpt_path=last``
-(with the run's own ``hydra.run.dir``) resumes a run.
+Each run writes ``results.json`` and the committed weights (``model.pt``) into its output folder; ``sapp-results DIR``
+gathers a sweep into tables. ``ckpt_path=PATH`` or ``ckpt_path=last`` (with the run's own ``hydra.run.dir``) resumes a
+run.
 """
 
 from __future__ import annotations
@@ -250,10 +250,10 @@ def _fit_and_report(cfg, trainer, module, datamodule, pruning, history, ckpt_pat
         out.mkdir(parents=True, exist_ok=True)
         torch.save(module.state_dict(), out / "model.pt")  # the committed weights: plain tensors, no callback state
         (out / "results.json").write_text(json.dumps(results, indent=2))
-    if pruning is not None:
+    if history is not None:
         from .plots import log_sparsity_curve
 
-        log_sparsity_curve(trainer, cfg.output_dir)  # sparsity_curve.png beside the logs (and to W&B)
+        log_sparsity_curve(trainer, cfg.output_dir, results)  # sparsity_curve.png in the run folder (and to W&B)
     return results
 
 
