@@ -186,6 +186,35 @@ def test_joblib_multirun_of_two_jobs_and_the_results_table(tmp_path, capsys):
     assert curve.is_file() and json.loads((sweep / "1" / "results.json").read_text())["pruning"]["phases"]
 
 
+def test_the_benchmark_settings_compose_validation_once_at_the_end_one_thread_and_no_extras(tmp_path):
+    cfg = compose_cfg(["recipe=fashion_mnist_demo", "model=cnn", "trainer.max_epochs=2", "+bench=fast"], tmp_path)
+    assert cfg.trainer.check_val_every_n_epoch == cfg.trainer.max_epochs == 2
+    assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_sanity_val_steps) == ("cpu", 1, 0)
+    assert not cfg.trainer.enable_checkpointing and not cfg.trainer.enable_progress_bar
+    assert not cfg.callbacks and not cfg.logger  # no checkpoints, heatmaps or logger
+    assert (cfg.threads, cfg.skip_finished) == (1, True)
+    plain = compose_cfg(["recipe=fashion_mnist_demo"], tmp_path)
+    assert (plain.threads, plain.skip_finished) == (None, False)
+
+
+def test_skip_finished_returns_a_finished_runs_results_only_when_its_config_is_this_one(tmp_path, monkeypatch):
+    from sapp_lightning.app import train
+    from sapp_lightning.app.checkpoints import run_settings
+
+    cfg = compose_cfg(["recipe=fashion_mnist_demo", "skip_finished=true"], tmp_path)
+    finished = {"algorithm": "sapp", "val": {"val/acc": 0.5}, "config": run_settings(cfg) | {"skip_finished": False}}
+    (tmp_path / "results.json").write_text(json.dumps(finished, default=str))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(train, "build_module", no_training)
+    assert run(cfg)["val"] == {"val/acc": 0.5}  # skip_finished itself is not compared
+    other = compose_cfg(["recipe=fashion_mnist_demo", "skip_finished=true", "seed=1"], tmp_path)
+    with pytest.raises(AssertionError, match="trained again"):
+        run(other)
+
+
 def test_image_classifier_can_train_the_attention_logits_at_a_scaled_learning_rate(tmp_path):
     import pytorch_lightning as pl
     import torch

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_plots import METHOD_COLORS, count_color, png_pixels, run_record
 from test_results import record, write_jsonl, write_run
 
@@ -105,3 +107,32 @@ def test_jsonl_collects_the_runs_of_folders_into_a_store_once(tmp_path, capsys):
     assert results([str(root), "--jsonl", str(store)]) == 0
     assert capsys.readouterr().out.endswith(f"{store}: 0 runs appended, 5 already there\n")
     assert sorted(load_runs(store)["algorithm"]) == ["acdc", "dense", "magnitude", "powerprop", "sapp"]
+
+
+@pytest.mark.slow
+def test_a_benchmark_grid_is_a_joblib_sweep_that_a_rerun_continues_and_a_store_collects(tmp_path, capsys):
+    from sapp_lightning.app.synthetic import make_fashion_dir
+
+    data = tmp_path / "fmnist"
+    make_fashion_dir(data, n_train=120, n_test=20)
+    sweep = tmp_path / "runs" / "bench" / "demo"
+    cmd = [sys.executable, "-m", "sapp_lightning.app.train", "-m", "recipe=fashion_mnist_demo", "pruning=dense,sapp"]
+    cmd += [f"data.data_dir={data}", "data.val_size=20", "data.batch_size=50", "model.net.hidden=[32,32]"]
+    cmd += ["pruning.min_blocks=4", "trainer.max_epochs=1", "+bench=fast", "hydra/launcher=joblib"]
+    cmd += ["hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"]
+    subprocess.run(cmd, check=True, cwd=tmp_path, env=ENV, capture_output=True)
+    first = {p: p.read_bytes() for p in sorted(sweep.rglob("results.json"))}
+    assert [json.loads(text)["algorithm"] for text in first.values()] == ["dense", "sapp"]
+    sapp = json.loads(first[sweep / "1" / "results.json"])
+    assert sapp["config"]["threads"] == 1 and sapp["config"]["trainer"]["check_val_every_n_epoch"] == 1
+    assert not list(sweep.rglob("*.ckpt")) and not list(sweep.rglob("metrics.csv"))  # no checkpoints, no logger
+    subprocess.run(cmd, check=True, cwd=tmp_path, env=ENV, capture_output=True)  # the same command again
+    assert {p: p.read_bytes() for p in sorted(sweep.rglob("results.json"))} == first  # nothing trained again
+    (log,) = (sweep / "1").glob("*.log")  # Hydra's log of the job
+    assert "made with this configuration; not training again" in log.read_text()
+    store = tmp_path / "demo.jsonl"
+    assert results([str(sweep), "--jsonl", str(store)]) == 0
+    assert capsys.readouterr().out.endswith(f"{store}: 2 runs appended, 0 already there\n")
+    stored = load_runs(store)
+    assert stored["key"].tolist() == [" ".join(r["overrides"]) for r in stored["record"]]
+    assert "pruning=sapp" in stored["key"].iloc[1] and "+bench=fast" in stored["key"].iloc[1]
