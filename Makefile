@@ -41,7 +41,7 @@ movielens: $(STAMP)  ## MovieLens-100k into ~/.cache/sapp_lightning/movielens (G
 
 demo: $(STAMP) fashion-mnist  ## the main job: dense, SA++ and each baseline on Fashion-MNIST, then the comparison table
 	$(VENV)/bin/sapp-train -m recipe=fashion_mnist_demo
-	$(PY) -m sapp_lightning.app.results runs/demo --plot
+	$(VENV)/bin/sapp-results runs/demo --plot
 
 lint: $(STAMP)
 	$(PY) -m ruff check sapp_lightning bench tests

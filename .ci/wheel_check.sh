@@ -50,7 +50,7 @@ echo "installed size (site-packages, torch included): core ${core_mb} MB, with [
 
 "$venv/bin/python" "$repo/tests/datagen.py" "$work/data" >/dev/null
 data="$work/data"
-fast=(+trainer.fast_dev_run=1 trainer.accelerator=cpu trainer.devices=1 logger=none "hydra.run.dir=$work/run")
+fast=(trainer.fast_dev_run=1 trainer.accelerator=cpu trainer.devices=1 logger=none "hydra.run.dir=$work/run")
 declare -A data_args=(
     [fashion_mnist_demo]="data.data_dir=$data/fashion data.val_size=20"
     [resnet50_imagenet]="trainer=cpu data.root=$data/imagenet global_batch_size=2 data.num_workers=0 data.image_size=32 data.val_resize=36 trainer.precision=32-true"

@@ -12,7 +12,7 @@ where it stopped::
     python bench/quality.py --part images --models cnn --methods sapp acdc --ablations zero_mode --blocks 16 \\
         --min-blocks 17
     python bench/quality.py --quick                                              # a few minutes: a smoke run
-    python bench/quality.py --table bench/results/ctr25.jsonl                   # print the tables
+    sapp-results bench/results/ctr25.jsonl --paper criteo                        # print the tables
 
 ``--part ctr`` is ``recipe=movielens_ctr`` (the paper's Criteo model on MovieLens-100k, the Criteo plan,
 masking), ``--part images`` is ``recipe=fashion_mnist_demo model=mlp|cnn`` (SGD, the ImageNet plan). A run of
@@ -31,7 +31,6 @@ import io
 import itertools
 import sys
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +38,7 @@ if __package__ in (None, ""):  # run as a script: use this checkout's bench and 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import append_row, load_done, quiet, run_pool  # noqa: E402
-from sapp_lightning.app.results import (  # noqa: E402
-    compare_table,
-    load_jsonl,
-    paper_table,
-    runs_table,
-    score_table,
-    summarize,
-)
+from sapp_lightning.app.results import load_runs, report, to_frame  # noqa: E402
 
 METHODS = ("dense", "magnitude", "powerprop", "acdc", "gmp", "sapp", "torch_ao_gmp")
 # torch.ao.pruning's gradual magnitude pruning (bench/torch_ao_gmp.py) through the app: no BlockPruning callback, the
@@ -321,80 +313,22 @@ def variant_name(variant: str, part: str) -> str:
     return variant
 
 
-def group_by_pruned_layers(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
-    """The pruned runs by the layers they pruned, so that a table compares only runs that pruned the same layers
-    (``min_blocks`` selects different layers at different block sizes)."""
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        if r["algorithm"] != "dense":
-            groups[tuple(sorted(r.get("pruned_layers") or ()))].append(r)
-    return groups
-
-
-def override_value(row: dict[str, Any], key: str) -> str | None:
-    """The value a run's overrides gave ``key`` (``None`` where they leave it to the config).
-
-    Example:
-        >>> override_value({"overrides": ["recipe=movielens_ctr", "pruning.min_blocks=17"]}, "pruning.min_blocks")
-        '17'
-    """
-    found = [v for k, _, v in (o.partition("=") for o in row.get("overrides") or ()) if k.lstrip("+~") == key]
-    return found[-1] if found else None
-
-
-def tables(rows: list[dict[str, Any]]) -> str:
-    """The tables of a set of runs: per (task, model, length), and for images per set of pruned layers, the paper's
-    layout of the plain runs (validation and test metric, AUROC for CTR, achieved sparsity beside each) and, where
-    there are variants, a table of them beside the plain SA++ and ACDC runs of the same cells."""
-    out = []
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        part = "ctr" if r["task"] == "ctr" else "images"
-        # older lines (no overrides) by their ablation's name, as docs/results.md shows them; new ones by overrides
-        named = dict(r, variant=variant_name(r["variant"], part)) if r.get("variant") and not r.get("overrides") else r
-        groups[(r["task"], r["model"], r.get("epochs"))].append(named)
-    for (task, model, epochs), runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        dense = [r for r in runs if r["algorithm"] == "dense" and not r.get("variant")]
-        title = f"{model} ({task}{f', {epochs} epochs' if epochs else ''})"
-        if task == "ctr":
-            sets = {(): [r for r in runs if r["algorithm"] != "dense"]}
-            stats = [("mean", "validation BCE", "criteo"), ("test_mean", "test BCE", "criteo")]
-            stats += [("auroc_mean", "validation AUROC", None), ("test_auroc_mean", "test AUROC", None)]
-        else:
-            sets = group_by_pruned_layers(runs)
-            stats = [("mean", "validation top-1 %", "imagenet"), ("test_mean", "test top-1 %", "imagenet")]
-        for layers, pruned in sorted(sets.items()):
-            name = title + (f", pruned {', '.join(layers)}" if layers else "")
-            rules = {(r["block_size"], r.get("min_blocks") or override_value(r, "pruning.min_blocks")) for r in pruned}
-            if task != "ctr" and any(m for _, m in rules):
-                name += " (min_blocks " + ", ".join(f"B={b}: {m or 100}" for b, m in sorted(rules)) + ")"
-            plain = [r for r in pruned if not r.get("variant")]
-            if plain:
-                summary = summarize(dense + plain)
-                for stat, label, paper in stats:
-                    table = paper_table(summary, paper, stat=stat, achieved=True)
-                    note = f", [the paper's {paper} number]" if paper else ""
-                    out.append(f"{name}: {label}, mean ± std over seeds (achieved block sparsity){note}\n\n{table}")
-            variants = [r for r in pruned if r.get("variant")]
-            if variants:
-                cells = {(r["sparsity"], r["block_size"]) for r in variants}
-                refs = [r for r in plain if r["algorithm"] in ("sapp", "acdc")]
-                summary = summarize([r for r in refs if (r["sparsity"], r["block_size"]) in cells] + variants)
-                for stat, label, _ in stats:
-                    out.append(
-                        f"{name}, variants: {label}, mean ± std over seeds\n\n{paper_table(summary, None, stat)}"
-                    )
-            out.append(f"{name}: every configuration\n\n{runs_table(summarize(dense + pruned))}")
-    return "\n\n".join(out)
+def tables(rows: Any) -> str:
+    """The tables of a set of runs (a frame of :func:`sapp_lightning.app.results.load_runs`, or results.json
+    dicts), as ``sapp-results`` prints them, each part on its own with its paper numbers in brackets (Table 1 beside
+    the image models, Table 2 beside CTR) and older lines' variants by their ablation's name, as docs/results.md
+    shows them."""
+    frame = rows if hasattr(rows, "columns") else to_frame(rows)
+    old = [not isinstance(r.get("overrides"), list) for r in frame["record"]]  # lines written before the app
+    names = [variant_name(v, "ctr" if t == "ctr" else "images") if o and v else v
+             for v, t, o in zip(frame["variant"], frame["task"], old)]  # fmt: skip
+    frame = frame.assign(variant=names)
+    parts = [frame[frame["task"] == task] for task in sorted(set(frame["task"]))]
+    return "\n\n".join(report(part, paper=["imagenet", "criteo"]) for part in parts) or "(no runs)"
 
 
 def print_tables(paths: list[Path]) -> None:
-    rows = [r for p in paths for r in load_jsonl(p)]
-    print(tables(rows) if rows else "(no runs)")
-    for split, label in (("val", "validation"), ("test", "test")):
-        table = score_table(rows, split)
-        if table:
-            print(f"\nSA++ with attention minus magnitude scores (Fig. 2(a)), {label} top-1, points\n\n{table}")
+    print(tables(load_runs(paths)))
 
 
 # --- command line ------------------------------------------------------------------------------------
@@ -419,24 +353,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "job's composed config stand in for it (recorded as reused_from)")  # fmt: skip
     p.add_argument("--processes", type=int, default=2, help="runs in parallel, one thread each")
     p.add_argument("--out", type=Path, help="JSON lines file (default bench/results/<part>.jsonl)")
-    p.add_argument("--table", type=Path, nargs="*", help="only print the tables of these files")
-    p.add_argument("--compare", type=Path, nargs="+", help="only print these files' plain runs side by side")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.table is not None:
-        print_tables(args.table)
-        return 0
-    if args.compare:
-        stats = ("mean", "test_mean", "auroc_mean", "test_auroc_mean")
-        labels = ("validation BCE or top-1 %", "test BCE or top-1 %", "validation AUROC", "test AUROC")
-        for stat, label in zip(stats, labels):
-            table = compare_table({p.name: load_jsonl(p) for p in args.compare}, stat)
-            if "±" in table:
-                print(f"\n{label}, mean ± std over seeds\n\n{table}")
-        return 0
     if args.quick:
         out = args.out or Path("runs/quality/quick.jsonl")
         jobs = quick_jobs()

@@ -48,7 +48,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .blocks import BlockLayout, BlockSize, KernelKind, is_hf_conv1d, kernel_kind, normalize_block_size
-from .targets import parameter_owners, text_table, weight_kinds
+from .tables import text_table
+from .targets import parameter_owners, weight_kinds
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .blocks import BlockLayout, BlockSize, normalize_block_size
+from .tables import text_table
 from .targets import candidate_layers, compile_patterns
 
 
@@ -67,18 +68,15 @@ class SparsityReport:
         return {**{layer.name: layer.block_sparsity for layer in self.layers}, "total": self.block_sparsity}
 
     def format(self) -> str:
-        width = max([len(layer.name) for layer in self.layers] + [5])
-        lines = [f"{'layer':<{width}}  {'blocks':>8}  {'zero':>8}  {'block sp.':>9}  {'weight sp.':>10}"]
-        for layer in self.layers:
-            lines.append(
-                f"{layer.name:<{width}}  {layer.num_blocks:>8}  {layer.zero_blocks:>8}  "
-                f"{layer.block_sparsity:>9.2%}  {layer.weight_sparsity:>10.2%}"
-            )
-        lines.append(
-            f"{'total':<{width}}  {self.num_blocks:>8}  {self.zero_blocks:>8}  "
-            f"{self.block_sparsity:>9.2%}  {self.weight_sparsity:>10.2%}"
-        )
-        return "\n".join(lines)
+        """One row per layer and a total: blocks, zero blocks, block and weight sparsity."""
+        rows = [
+            (name, blocks, zero, f"{block:.2%}", f"{weight:.2%}")
+            for name, blocks, zero, block, weight in [
+                *((x.name, x.num_blocks, x.zero_blocks, x.block_sparsity, x.weight_sparsity) for x in self.layers),
+                ("total", self.num_blocks, self.zero_blocks, self.block_sparsity, self.weight_sparsity),
+            ]
+        ]
+        return text_table(("layer", "blocks", "zero", "block sp.", "weight sp."), rows, align="lrrrr")
 
     def __str__(self) -> str:
         return self.format()

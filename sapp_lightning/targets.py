@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .blocks import BlockLayout, BlockSize, kernel_kind, normalize_block_size
 from .distributed import rank_zero_warn
+from .tables import text_table
 
 DEFAULT_TYPES = ("linear", "conv2d", "hf_conv1d")  # Conv1d and embeddings only when a user includes them
 
@@ -246,10 +247,3 @@ def format_choices(choices: Sequence[LayerChoice]) -> str:
         for c in choices
     ]
     return text_table(("layer", "type", "blocks", "pruned", "why not"), rows)
-
-
-def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Plain-text columns, left-aligned, two spaces apart (the set-up and export summaries)."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), *map(line, rows)])

@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 from sapp_lightning import BlockPruning
+from sapp_lightning.app.cli import results as results_main
 from sapp_lightning.app.configs import CONFIG_DIR, RECIPES_DIR
-from sapp_lightning.app.results import main as results_main
 from sapp_lightning.app.synthetic import make_criteo_tsv, make_fashion_dir, make_imagefolder
 from sapp_lightning.app.train import build_pruning, run
 
@@ -88,7 +88,7 @@ def test_cfg_job_prints_the_composed_config():
     assert "algorithm: dense" in out.stdout and "CriteoDataModule" in out.stdout
 
 
-FAST = ["+trainer.fast_dev_run=1", "trainer.accelerator=cpu", "trainer.devices=1", "logger=none"]
+FAST = ["trainer.fast_dev_run=1", "trainer.accelerator=cpu", "trainer.devices=1", "logger=none"]
 
 
 def test_resnet50_recipe_runs_on_an_imagefolder_tree(tmp_path):
@@ -174,19 +174,45 @@ def test_joblib_multirun_of_two_jobs_and_the_results_table(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "sapp_lightning.app.train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     cmd += ["recipe=fashion_mnist_demo", "pruning=dense,sapp", f"data.data_dir={data}", "data.val_size=20"]
-    cmd += ["+trainer.fast_dev_run=2", "logger=none", f"hydra.sweep.dir={sweep}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd += ["trainer.fast_dev_run=2", "logger=none", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(CONFIG_DIR.parent)}  # this checkout's package
     subprocess.run(cmd, check=True, cwd=tmp_path, env=env, capture_output=True)
     results = sorted(json.loads(p.read_text())["algorithm"] for p in sweep.rglob("results.json"))
     assert results == ["dense", "sapp"]
     assert results_main([str(sweep)]) == 0
     table = capsys.readouterr().out
     assert "| Dense" in table and "| SA++" in table and "| 90%" in table
+    curve = sweep / "1" / "sparsity_curve.png"  # a fast_dev_run's curve too: drawn from its results.json
+    assert curve.is_file() and json.loads((sweep / "1" / "results.json").read_text())["pruning"]["phases"]
 
 
-def test_results_on_an_empty_folder_says_so(tmp_path, capsys):
-    assert results_main([str(tmp_path)]) == 1
-    assert "no results.json below" in capsys.readouterr().err
+def test_the_benchmark_settings_compose_validation_once_at_the_end_one_thread_and_no_extras(tmp_path):
+    cfg = compose_cfg(["recipe=fashion_mnist_demo", "model=cnn", "trainer.max_epochs=2", "+bench=fast"], tmp_path)
+    assert cfg.trainer.check_val_every_n_epoch == cfg.trainer.max_epochs == 2
+    assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_sanity_val_steps) == ("cpu", 1, 0)
+    assert not cfg.trainer.enable_checkpointing and not cfg.trainer.enable_progress_bar
+    assert not cfg.callbacks and not cfg.logger  # no checkpoints, heatmaps or logger
+    assert (cfg.threads, cfg.skip_finished) == (1, True)
+    plain = compose_cfg(["recipe=fashion_mnist_demo"], tmp_path)
+    assert (plain.threads, plain.skip_finished) == (None, False)
+
+
+def test_skip_finished_returns_a_finished_runs_results_only_when_its_config_is_this_one(tmp_path, monkeypatch):
+    from sapp_lightning.app import train
+    from sapp_lightning.app.checkpoints import run_settings
+
+    cfg = compose_cfg(["recipe=fashion_mnist_demo", "skip_finished=true"], tmp_path)
+    finished = {"algorithm": "sapp", "val": {"val/acc": 0.5}, "config": run_settings(cfg) | {"skip_finished": False}}
+    (tmp_path / "results.json").write_text(json.dumps(finished, default=str))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(train, "build_module", no_training)
+    assert run(cfg)["val"] == {"val/acc": 0.5}  # skip_finished itself is not compared
+    other = compose_cfg(["recipe=fashion_mnist_demo", "skip_finished=true", "seed=1"], tmp_path)
+    with pytest.raises(AssertionError, match="trained again"):
+        run(other)
 
 
 def test_image_classifier_can_train_the_attention_logits_at_a_scaled_learning_rate(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from bench import quality
 from bench.common import append_row, load_done, run_pool
-from sapp_lightning.app.results import compare_table, load_jsonl
+from sapp_lightning.app.results import compare_table, load_runs, override_value
 from sapp_lightning.app.train import build_pruning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def _run(script: str, *args: str, timeout: float = 600) -> str:
 def test_quality_quick_and_resume(tmp_path):
     out = tmp_path / "quick.jsonl"
     text = _run("quality.py", "--out", str(out))
-    rows = load_jsonl(out)
+    rows = load_runs(out)["record"].tolist()
     assert len(rows) == len(quality.quick_jobs())
     assert {r["task"] for r in rows} == {"ctr", "classification"}
     assert {r["model"] for r in rows} == {"CriteoPaperNet", "MLP", "SmallCNN"}
@@ -138,7 +138,7 @@ def test_a_grid_is_the_apps_overrides_one_list_per_run():
     # images: one min_blocks per block size, the model chosen by model=...
     jobs = quality.grid(args("--part images --models cnn --methods acdc --seeds 0 --sparsities 0.9 --blocks 8 16 "
                              "--min-blocks 8=100 16=17"))  # fmt: skip
-    assert [quality.override_value(j, "pruning.min_blocks") for j in jobs] == ["100", "17"]
+    assert [override_value(j["overrides"], "pruning.min_blocks") for j in jobs] == ["100", "17"]
     assert all({"recipe=fashion_mnist_demo", "model=cnn", "trainer.max_epochs=2"} <= set(j["overrides"]) for j in jobs)
 
 
@@ -163,7 +163,7 @@ def test_a_config_override_reaches_a_benchmark_run(tmp_path):
     )
     out = tmp_path / "runs.jsonl"
     quality.run_pool(quality.grid(args(text)), quality.run_job, out, 1)
-    dense, sapp = load_jsonl(out)
+    dense, sapp = load_runs(out)["record"]
     assert dense["algorithm"] == "dense" and "pruning.score=magnitude" not in dense["overrides"]
     assert sapp["algorithm"] == "sapp" and sapp["variant"].endswith("pruning.min_blocks=4 pruning.score=magnitude")
     # the 784-32-32-10 MLP of the override: 49 x 2 and 2 x 2 blocks of 16, both >= 4; 100 rows / 50 = 2 steps
@@ -248,20 +248,20 @@ def test_image_ablations_pass_the_module_option_to_the_module_not_the_callback(t
 
 
 def test_tables_show_auroc_and_achieved_sparsity_and_read_the_committed_lines():
-    text = quality.tables(load_jsonl(quality.RESULTS / "ctr25.jsonl"))  # the numbers docs/results.md shows
+    text = quality.tables(load_runs(quality.RESULTS / "ctr25.jsonl"))  # the numbers docs/results.md shows
     bce = text[text.index("validation BCE") : text.index("test BCE")]
     assert cells(bce, "90%", "SA++") == ["0.6760 ± 0.0394 (90.0%) [0.4535]"]
     assert cells(bce, "0%", "Dense") == ["0.7370 ± 0.0996 [0.4489]"]
     auroc = text[text.index("validation AUROC") : text.index("test AUROC")]
     assert cells(auroc, "99%", "ACDC") == ["0.6731 ± 0.0075 (99.0%)"]
-    both = {name: load_jsonl(quality.RESULTS / name) for name in ("ctr25.jsonl", "ctr.jsonl")}
-    both = compare_table(both, "auroc_mean")  # quality --compare: the two grids side by side, 25 and 3 epochs
+    both = {name: load_runs(quality.RESULTS / name) for name in ("ctr25.jsonl", "ctr.jsonl")}
+    both = compare_table(both, "auroc_mean")  # the two grids side by side, 25 and 3 epochs
     assert cells(both, "90%", "10", "SA++") == ["0.6700 ± 0.0170 (n=3)", "0.6423 ± 0.0054 (n=3)"]
-    text = quality.tables(load_jsonl(quality.RESULTS / "ablations.jsonl"))  # older lines: ablations by name
+    text = quality.tables(load_runs(quality.RESULTS / "ablations.jsonl"))  # older lines: ablations by name
     variants = text[text.index("CriteoPaperNet (ctr, 3 epochs), variants: validation BCE") :]
     assert cells(variants, "90%", "SA++ c2") == ["0.6775 ± 0.0202"]
     assert cells(variants, "98%", "SA++ logit_l2_1e-4") == ["0.6759 ± 0.0103"]
-    text = quality.tables(load_jsonl(quality.RESULTS / "images.jsonl"))
+    text = quality.tables(load_runs(quality.RESULTS / "images.jsonl"))
     mlp = text[text.index("MLP (classification, 2 epochs), pruned net.1, net.3 ") :]
     assert cells(mlp, "95%", "SA++")[:2] == ["81.11 ± 1.35 (95.0%) [64.27]", "81.95 ± 0.73 (95.0%) [65.41]"]
     cnn = text[text.index("SmallCNN (classification, 2 epochs), pruned net.classifier.1, net.features.4 ") :]

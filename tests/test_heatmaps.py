@@ -15,7 +15,7 @@ from PIL import Image
 from sapp_lightning import BlockSparsifier
 from sapp_lightning.app import MaskHeatmaps
 from sapp_lightning.app.heatmaps import layer_figure, overview_figure
-from sapp_lightning.app.plots import figure_image
+from sapp_lightning.app.plots import save_figure
 
 
 def block_pixels(fig, rows: int, cols: int) -> np.ndarray:
@@ -62,7 +62,7 @@ def test_wandb_stores_the_heatmap_as_drawn_with_pruned_blocks_black_and_attentio
     stored = [np.asarray(Image.open(p).convert("RGB")) for p in run_dir.rglob("media/images/pruning/mask/fc1_*.png")]
     assert len(stored) == len(PLAN)  # each phase end but the last, and the end of training
     fig = layer_figure(fc1, step, f"end of phase {index} ({phase.name.lower()})")
-    drawn = np.asarray(figure_image(fig))
+    drawn = np.asarray(Image.open(save_figure(fig, tmp_path / "drawn.png")).convert("RGB"))
     matches = [image for image in stored if image.shape == drawn.shape and np.array_equal(image, drawn)]
     assert len(matches) == 1  # W&B keeps the 8-bit picture as drawn
     pixels = matches[0]
@@ -104,4 +104,4 @@ def test_the_overview_draws_every_layer_on_one_scale(conv_state):
     fig = overview_figure(conv_state, 10, "end of training")
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()]
     assert titles == ["0\n75% pruned", "1\n67% pruned"]  # 2 of 6 blocks kept in the 1x1 conv
-    assert "2 pruned layers, step 10, end of training: 73.8% of blocks pruned" in fig._suptitle.get_text()
+    assert "2 pruned layers, step 10, end of training: 73.8% of blocks pruned" in fig.get_suptitle()

@@ -11,7 +11,13 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "sapp_lightning"
 ADAPTERS = {"sapp_lightning.callback", "sapp_lightning.lightning", "sapp_lightning.huggingface"}
 #: what the app may import of the library: the package's root and its documented submodules
-PUBLIC = {"sapp_lightning", "sapp_lightning.algorithms", "sapp_lightning.export", "sapp_lightning.schedules"}
+PUBLIC = {
+    "sapp_lightning",
+    "sapp_lightning.algorithms",
+    "sapp_lightning.export",
+    "sapp_lightning.schedules",
+    "sapp_lightning.tables",
+}
 
 
 def module_name(path: Path) -> str:
@@ -19,12 +25,29 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _script_block(node: ast.AST) -> bool:
+    """``if __name__ == "__main__":``: what runs when the file is a script (``python -m``), as the module
+    ``__main__``, not an import of the package's module."""
+    test = node.test if isinstance(node, ast.If) else None
+    return (
+        isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id == "__name__"
+        and [getattr(c, "value", None) for c in test.comparators] == ["__main__"]
+    )
+
+
 def imports(path: Path) -> set[str]:
-    """Every sapp_lightning module ``path`` imports, at any depth of the file (type-only imports too)."""
+    """Every sapp_lightning module ``path`` imports, at any depth of the file (type-only imports too), but for its
+    script block."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    script = {id(n) for block in ast.walk(tree) if _script_block(block) for n in ast.walk(block)}
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in script:
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")

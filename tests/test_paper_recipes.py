@@ -10,7 +10,7 @@ import pytest
 from test_app import compose_cfg
 
 from sapp_lightning.app.configs import RECIPES_DIR
-from sapp_lightning.app.results import summarize
+from sapp_lightning.app.results import summarize, to_frame
 from sapp_lightning.app.synthetic import make_fashion_dir
 from sapp_lightning.app.train import build_pruning, run
 
@@ -80,7 +80,7 @@ def test_a_variant_gets_rows_of_its_own_in_the_results_table():
          "achieved_block_sparsity": 0.9, "fit_seconds": 1.0}
         for c, acc in ((2.0, 0.69), (8.0, 0.70))
     ]  # fmt: skip
-    assert [(s["variant"], s["n"]) for s in summarize(rows)] == [
+    assert [(s["variant"], s["n"]) for s in summarize(to_frame(rows)).to_dict("records")] == [
         ("pruning.schedule_exponent=2.0", 1),
         ("pruning.schedule_exponent=8.0", 1),
     ]

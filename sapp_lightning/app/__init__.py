@@ -8,7 +8,7 @@ __all__ = ["MaskHeatmaps"]
 
 
 def __getattr__(name: str) -> Any:
-    # lazy: `python -m sapp_lightning.app.plots` must not find plots imported already (runpy warns)
+    # lazy: importing the app's package loads neither Lightning nor matplotlib
     if name == "MaskHeatmaps":
         from .heatmaps import MaskHeatmaps
 

@@ -29,7 +29,7 @@ IGNORED_ON_RESUME = (
     "hydra", "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.default_root_dir",
     "trainer.enable_model_summary", "trainer.enable_checkpointing", "trainer.accelerator",
     "data.num_workers", "data.path", "data.root", "data.data_dir", "data.cache_dir", "data.download",
-    "pruning.verify_masks_across_ranks", "pruning.check_finite_every_n_steps",
+    "pruning.verify_masks_across_ranks", "pruning.check_finite_every_n_steps", "threads", "skip_finished",
 )  # fmt: skip
 
 

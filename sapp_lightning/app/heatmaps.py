@@ -18,7 +18,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from sapp_lightning import BlockPruning, BlockSparsifier, LayerState, PruningEvent
 
-from .plots import figure_image, save_figure
+from .plots import save_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -191,7 +191,9 @@ class MaskHeatmaps(pl.Callback):
         for logger in trainer.loggers:
             for key, fig in figures.items():
                 if isinstance(logger, WandbLogger):
-                    logger.log_image(key, [figure_image(fig)], step=step, caption=[phase])
+                    import wandb
+
+                    logger.log_image(key, [wandb.Image(fig)], step=step, caption=[phase])
                 elif logger.log_dir:
                     name = key.removeprefix("pruning/mask/") if key != "pruning/masks" else "overview"
                     save_figure(fig, Path(logger.log_dir) / "masks" / name / f"step{step:07d}.png")

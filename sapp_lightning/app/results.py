@@ -1,421 +1,430 @@
-"""Gather the ``results.json`` files of a sweep, or the JSON lines of ``bench/quality.py``, into tables, with the
-paper's numbers alongside.
+"""Runs as a pandas DataFrame, and the tables ``sapp-results`` prints from it.
 
-    python -m sapp_lightning.app.results runs/demo                 # one row per configuration
-    python -m sapp_lightning.app.results runs/table2_criteo --paper criteo   # Table 2's shape
-    python -m sapp_lightning.app.results runs/demo --plot          # + DIR/results.png and each run's sparsity curve
-    python -m sapp_lightning.app.results bench/results/ctr25.jsonl # the benchmark's runs (one results.json a line)
-
-``--plot`` needs matplotlib (``pip install 'sapp_lightning[app]'``); see :mod:`sapp_lightning.app.plots`.
+A run is its ``results.json`` (what ``sapp-train`` writes); :func:`load_runs` reads them from run and sweep folders
+and from JSON-lines stores (one ``results.json`` a line, e.g. ``bench/results/*.jsonl``) into one row per run.
+:func:`summarize` averages over seeds with ``groupby``; :func:`report` prints every table of a set of runs.
 
 Example:
     >>> rows = [{"algorithm": "sapp", "sparsity": 0.9, "block_size": 10, "seed": s, "task": "ctr",
     ...          "val": {"val/loss": 0.45 + s / 100}, "test": {}, "achieved_block_sparsity": 0.9,
     ...          "fit_seconds": 1.0} for s in range(3)]
-    >>> summary = summarize(rows)
-    >>> summary[0]["metric"], summary[0]["n"], round(summary[0]["mean"], 4), round(summary[0]["std"], 4)
-    ('val/loss', 3, 0.46, 0.01)
+    >>> summary = summarize(to_frame(rows))
+    >>> [(s["metric"], s["n"], round(s["mean"], 4), round(s["std"], 4)) for s in summary.to_dict("records")]
+    [('val/loss', 3, 0.46, 0.01)]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import statistics
-import sys
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+from sapp_lightning.tables import text_table
+
 from .paper import paper_value
 
-METHOD_ORDER = ("dense", "magnitude", "powerprop", "acdc", "gmp", "sapp")
-METHOD_NAMES = {
+#: every method's name in tables and figures, in their order
+METHODS = {
     "dense": "Dense",
     "magnitude": "Magnitude",
     "powerprop": "PowerPropagation",
-    "gmp": "Gradual magnitude",
     "acdc": "ACDC",
+    "gmp": "Gradual magnitude",
+    "torch_ao_gmp": "torch.ao GMP",
     "sapp": "SA++",
 }
+DATA_NAMES = {
+    "FashionMNISTDataModule": "Fashion-MNIST",
+    "MovieLensCTRDataModule": "MovieLens-100k CTR",
+    "CriteoDataModule": "Criteo",
+    "ImageNetDataModule": "ImageNet",
+}
+#: the paper's tables: the data, model and task of their setting (Table 1: ResNet50 on ImageNet; Table 2: Criteo)
+PAPER_SETTINGS = {
+    "imagenet": ("ImageNetDataModule", "resnet50", "classification"),
+    "criteo": ("CriteoDataModule", "CriteoPaperNet", "ctr"),
+}
+#: SA++'s block score by variant: the plain run and ``pruning.score=attention`` against ``pruning.score=magnitude``
+SCORE_VARIANTS = {"": "attention", "pruning.score=attention": "attention", "pruning.score=magnitude": "magnitude"}
+_COLUMNS = ["key", "algorithm", "sparsity", "block_size", "seed", "variant", "data", "model", "task", "epochs"]
+_COLUMNS += ["steps", "fit_seconds", "achieved_block_sparsity", "achieved_weight_sparsity", "pruned_layers"]
+_COLUMNS += ["min_blocks", "path", "record"]
+_STATS = {"": "primary", "test_": "test_primary", "auroc_": "val/auroc", "test_auroc_": "test/auroc"}
 
 
-def load_results(root: str | Path) -> list[dict[str, Any]]:
-    """Every ``results.json`` below ``root``, or the runs of a ``.jsonl`` file (:func:`load_jsonl`)."""
-    if Path(root).suffix == ".jsonl":
-        if not Path(root).is_file():
-            raise FileNotFoundError(f"no such file: {root}")
-        return load_jsonl(root)
-    paths = sorted(Path(root).rglob("results.json"))
-    if not paths:
-        raise FileNotFoundError(f"no results.json below {root}: is this a finished run or sweep folder?")
-    rows = [json.loads(p.read_text()) | {"path": str(p.parent)} for p in paths]
-    for row in rows:  # sapp_lightning 0.1 called the dense baseline "none"
-        row["algorithm"] = "dense" if row["algorithm"] == "none" else row["algorithm"]
-    return rows
+def method_name(algorithm: str, variant: str = "") -> str:
+    """The method's name, with its variant (the overrides beyond the grid) where it has one."""
+    name = METHODS.get(algorithm, algorithm)
+    return f"{name} {variant}" if variant else name
 
 
-# The lines bench/quality.py wrote before it ran through the app: flat metrics (accuracy in %), its own names.
-_LEGACY_MODELS = {"mlp": "MLP", "cnn": "SmallCNN", "cnn_nobn": "SmallCNN (no BatchNorm)"}
+def method_rank(algorithm: str) -> int:
+    """The method's place in tables and figures (unknown methods last)."""
+    return list(METHODS).index(algorithm) if algorithm in METHODS else len(METHODS)
 
 
-def _legacy_row(row: dict[str, Any]) -> dict[str, Any]:
-    """An older ``bench/quality.py`` line in ``results.json``'s shape (``variant``: its options as overrides)."""
-    ctr = row.get("part") == "ctr"
-    percent = {"acc": 100.0}  # those lines hold accuracy in %, results.json as a fraction
+def paper_setting(
+    data: str, model: str, paper: str | Sequence[str] | None = "auto", task: str | None = None
+) -> str | None:
+    """Which of the paper's tables runs of ``data`` and ``model`` belong to: ``"imagenet"`` (ResNet50 on ImageNet),
+    ``"criteo"`` (the paper's Criteo model on Criteo) or None. A ``paper`` named explicitly (or several) applies to
+    every run of its task (``task``); ``None`` or ``"none"`` to none.
 
-    def split(prefix: str) -> dict[str, float]:
-        return {
-            f"{prefix}/{m}": row[f"{prefix}_{m}"] / percent.get(m, 1.0)
-            for m in ("loss", "acc", "auroc")
-            if row.get(f"{prefix}_{m}") is not None
-        }
-
-    options = row.get("options") or {}
-    variant = " ".join(
-        f"{'model.module' if k == 'logit_lr_scale' else 'pruning'}.{k}={json.dumps(v)}"
-        for k, v in sorted(options.items())
-    )
-    return {
-        "key": row.get("key"),
-        "algorithm": row["method"],
-        "sparsity": float(row["sparsity"]),
-        "block_size": int(row["block"]),
-        "seed": row.get("seed"),
-        "epochs": row.get("epochs"),
-        "task": "ctr" if ctr else "classification",
-        "data": "MovieLensCTRDataModule" if ctr else "FashionMNISTDataModule",
-        "model": "CriteoPaperNet" if ctr else _LEGACY_MODELS.get(row.get("model"), row.get("model")),
-        "val": split("val"),
-        "test": split("test"),
-        "achieved_block_sparsity": row.get("achieved_sparsity", 0.0),
-        "achieved_weight_sparsity": row.get("real_sparsity", 0.0),
-        "pruned_layers": sorted(row.get("pruned_layers") or ()),
-        "min_blocks": row.get("min_blocks"),
-        "fit_seconds": row.get("seconds", math.nan),
-        "steps": row.get("steps"),
-        "attention_range": row.get("attention_range"),
-        "variant": variant,
-    }
+    Example:
+        >>> paper_setting("ImageNetDataModule", "resnet50"), paper_setting("ImageNetDataModule", "SmallCNN")
+        ('imagenet', None)
+        >>> paper_setting("FashionMNISTDataModule", "MLP", paper=["imagenet", "criteo"], task="classification")
+        'imagenet'
+    """
+    names = [paper] if paper is None or isinstance(paper, str) else list(paper)
+    if "auto" in names:
+        return next((name for name, (d, m, _) in PAPER_SETTINGS.items() if (d, m) == (data, str(model))), None)
+    return next((name for name in names if name in PAPER_SETTINGS and PAPER_SETTINGS[name][2] == task), None)
 
 
-def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The runs of a JSON lines file, one ``results.json`` per line as ``bench/quality.py`` writes them (older lines
-    of that script are converted). A run written twice counts once (its last line); a torn last line (an
-    interrupted sweep) is skipped. ``variant`` holds the overrides beyond the grid's method, sparsity, block size,
-    seed and length (empty for a plain run).
+# --- loading ------------------------------------------------------------------------------------------------------
+def override_value(overrides: Sequence[str] | None, key: str) -> str | None:
+    """The value ``overrides`` give ``key`` (``None`` where they leave it to the config).
+
+    Example:
+        >>> override_value(["recipe=movielens_ctr", "pruning.min_blocks=17"], "pruning.min_blocks")
+        '17'
+    """
+    found = [v for k, _, v in (o.partition("=") for o in overrides or ()) if k.lstrip("+~") == key]
+    return found[-1] if found else None
+
+
+def _min_blocks(record: dict[str, Any]) -> int | None:
+    config = (record.get("config") or {}).get("pruning") or {}
+    value = record.get("min_blocks") or override_value(record.get("overrides"), "pruning.min_blocks")
+    value = value or config.get("min_blocks")
+    return int(value) if value not in (None, "") else None
+
+
+def to_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """One row per ``results.json`` record: its fields, each ``val``/``test`` metric as a column (``val/acc``...),
+    ``variant`` (``""`` for a plain run), ``min_blocks`` where known, and the record itself (``record``). The dense
+    baseline has sparsity 0 and block size 0 (sapp_lightning 0.1 called it ``"none"``)."""
+    rows = []
+    for r in records:
+        dense = r["algorithm"] in ("dense", "none")
+        rows.append(
+            {
+                "key": r.get("key"),
+                "algorithm": "dense" if dense else r["algorithm"],
+                "sparsity": 0.0 if dense else round(float(r["sparsity"]), 6),
+                "block_size": 0 if dense else int(r["block_size"]),
+                "seed": r.get("seed"),
+                "variant": r.get("variant") or "",
+                "data": r.get("data", ""),
+                "model": str(r.get("model", "")),
+                "task": r.get("task", "classification"),
+                "epochs": r.get("epochs"),
+                "steps": r.get("steps"),
+                "fit_seconds": r.get("fit_seconds", math.nan),
+                "achieved_block_sparsity": r.get("achieved_block_sparsity", 0.0),
+                "achieved_weight_sparsity": r.get("achieved_weight_sparsity", 0.0),
+                "pruned_layers": tuple(sorted(r.get("pruned_layers") or ())),
+                "min_blocks": _min_blocks(r),
+                "path": r.get("path"),
+                "record": r,
+                **{k: float(v) for split in ("val", "test") for k, v in (r.get(split) or {}).items()},
+            }
+        )
+    return pd.DataFrame(rows, columns=None if rows else _COLUMNS).astype({"min_blocks": "Int64"})
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line: the sweep was interrupted while writing it
+            continue
+        if "algorithm" not in record:
+            raise ValueError(f"{path}, line {number}: not a results.json record (no 'algorithm')")
+        records.append({**record, "key": record.get("key") or f"{path}:{number}", "path": str(path)})
+    return records
+
+
+def _read_folder(folder: Path) -> list[dict[str, Any]]:
+    """The ``results.json`` files below ``folder``; a Hydra run's task overrides (``.hydra/overrides.yaml``) become
+    its ``overrides`` and ``key``, as the JSON-lines stores keep them."""
+    import yaml
+
+    files = [folder] if folder.name == "results.json" else sorted(folder.rglob("results.json"))
+    records = []
+    for file in files:
+        record = json.loads(file.read_text())
+        hydra = file.parent / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(hydra.read_text()) if hydra.is_file() else None
+        if overrides is not None:
+            record.setdefault("overrides", overrides)
+        record.setdefault("key", " ".join(overrides) if overrides else str(file.parent))
+        records.append(record | {"path": str(file.parent)})
+    return records
+
+
+def load_runs(sources: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """Every run in ``sources`` as a frame (:func:`to_frame`): run or sweep folders (each ``results.json`` below)
+    and ``.jsonl`` stores (one ``results.json`` a line; a torn last line is skipped). A run found twice (the same
+    ``key``: its overrides, or its line) counts once, as its last copy.
 
     Example:
         >>> import tempfile
-        >>> path = Path(tempfile.mkdtemp()) / "runs.jsonl"
-        >>> old = {"key": "a", "part": "images", "model": "mlp", "method": "sapp", "sparsity": 0.9, "block": 16,
-        ...        "seed": 0, "val_acc": 82.5, "options": {"schedule_exponent": 2.0}}
-        >>> _ = path.write_text(json.dumps(old) + "\\n" + '{"key": "b", "val')
-        >>> (row,) = load_jsonl(path)
-        >>> row["algorithm"], row["block_size"], row["val"], row["variant"]
-        ('sapp', 16, {'val/acc': 0.825}, 'pruning.schedule_exponent=2.0')
+        >>> store = Path(tempfile.mkdtemp()) / "runs.jsonl"
+        >>> run = {"key": "a", "algorithm": "sapp", "sparsity": 0.9, "block_size": 16, "val": {"val/acc": 0.8}}
+        >>> _ = store.write_text(json.dumps(run) + "\\n" + json.dumps(run | {"val": {"val/acc": 0.82}}) + '\\n{"ke')
+        >>> frame = load_runs(store)
+        >>> len(frame), frame["val/acc"].tolist(), frame["variant"].tolist()
+        (1, [0.82], [''])
     """
-    rows: dict[str, dict[str, Any]] = {}
-    for number, line in enumerate(Path(path).read_text().splitlines()):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "algorithm" not in row:
-            row = _legacy_row(row)
-        row["algorithm"] = "dense" if row["algorithm"] == "none" else row["algorithm"]
-        row["pruned_layers"] = sorted(row.get("pruned_layers") or ())
-        rows[row.get("key") or str(number)] = {"variant": "", **row, "path": str(path)}
-    return list(rows.values())
+    records = []
+    for source in [sources] if isinstance(sources, str | Path) else sources:
+        path = Path(source)
+        if path.suffix == ".jsonl":
+            if not path.is_file():
+                raise FileNotFoundError(f"no such file: {path}")
+            records += _read_jsonl(path)
+        elif path.is_dir() or path.name == "results.json":
+            found = _read_folder(path)
+            if not found:
+                raise FileNotFoundError(f"no results.json below {path}: is this a finished run or sweep folder?")
+            records += found
+        else:
+            raise FileNotFoundError(f"no such run folder or .jsonl file: {path}")
+    frame = to_frame(records)
+    return frame[~frame.duplicated("key", keep="last")].reset_index(drop=True)
 
 
-def primary_metric(task: str) -> tuple[str, float]:
-    """The metric a table reports, and the factor to print it with (accuracy in %)."""
-    return ("val/acc", 100.0) if task == "classification" else ("val/loss", 1.0)
+def append_jsonl(frame: pd.DataFrame, path: str | Path) -> tuple[int, int]:
+    """Append the runs of ``frame`` to the JSON-lines store ``path`` (each its ``results.json`` with its ``key`` and
+    ``overrides``), skipping those whose key is there already. Returns ``(appended, skipped)``."""
+    path = Path(path)
+    done = set(load_runs(path)["key"]) if path.is_file() else set()
+    todo = [record for key, record in zip(frame["key"], frame["record"]) if key not in done]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            f.write("\n")  # after a torn last line
+        for record in todo:
+            f.write(json.dumps({k: v for k, v in record.items() if k != "path"}, sort_keys=True) + "\n")
+    return len(todo), len(frame) - len(todo)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values) if values else math.nan
-    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+# --- summaries ----------------------------------------------------------------------------------------------------
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    return frame[name] if name in frame else pd.Series(math.nan, index=frame.index)
 
 
-def summarize(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Group runs by (algorithm, sparsity, block size, variant) and average over seeds: the primary metric
-    (``mean``/``std``), its test value (``test_mean``) and, where logged, AUROC (``auroc_mean``,
-    ``test_auroc_mean``)."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for row in rows:
-        key = (row["algorithm"], float(row["sparsity"]), int(row["block_size"]), row.get("variant") or "")
-        groups.setdefault(key, []).append(row)
-    summary = []
-    for (algorithm, sparsity, block, variant), runs in groups.items():
-        metric, scale = primary_metric(runs[0]["task"])
-        stats: dict[str, Any] = {}
-        for name, split, key, factor in (
-            ("", "val", metric, scale),
-            ("test_", "test", metric.replace("val/", "test/"), scale),
-            ("auroc_", "val", "val/auroc", 1.0),
-            ("test_auroc_", "test", "test/auroc", 1.0),
-        ):
-            values = [r[split][key] * factor for r in runs if key in r.get(split, {})]
-            if "auroc" in name and not values:  # classification: no AUROC
-                continue
-            stats[f"{name}mean"], stats[f"{name}std"] = _mean_std(values)
-            stats[f"{name}n"] = len(values)
-        summary.append(
-            {
-                "algorithm": algorithm,
-                "sparsity": sparsity,
-                "block_size": block,
-                "variant": variant,
-                "metric": metric,
-                **stats,
-                "achieved": statistics.fmean(r["achieved_block_sparsity"] for r in runs),
-                "seconds": statistics.fmean(r["fit_seconds"] for r in runs),
-            }
-        )
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return sorted(summary, key=lambda s: (s["sparsity"], s["block_size"], order.get(s["algorithm"], 99), s["variant"]))
+def summarize(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (algorithm, sparsity, block size, variant), averaged over seeds: the primary metric (``mean``,
+    ``std``, ``n``: top-1 % for classification, BCE for CTR), its test value (``test_``), AUROC where logged
+    (``auroc_``, ``test_auroc_``), the achieved block sparsity and the fit time; in the tables' order."""
+    classification = frame["task"] == "classification"
+    values = frame.assign(
+        metric=classification.map({True: "val/acc", False: "val/loss"}),
+        primary=_column(frame, "val/acc").mul(100).where(classification, _column(frame, "val/loss")),
+        test_primary=_column(frame, "test/acc").mul(100).where(classification, _column(frame, "test/loss")),
+        **{"val/auroc": _column(frame, "val/auroc"), "test/auroc": _column(frame, "test/auroc")},
+    )
+    groups = values.groupby(["algorithm", "sparsity", "block_size", "variant", "metric"], sort=False)
+    stats = [groups[column].agg(["mean", "std", "count"]).add_prefix(prefix) for prefix, column in _STATS.items()]
+    summary = pd.concat(
+        [*stats, groups["achieved_block_sparsity"].mean().rename("achieved"), groups["fit_seconds"].mean()], axis=1
+    ).reset_index()
+    summary = summary.rename(columns={f"{p}count": f"{p}n" for p in _STATS}).rename(columns={"fit_seconds": "seconds"})
+    for prefix in _STATS:  # one seed: no spread
+        summary[f"{prefix}std"] = summary[f"{prefix}std"].fillna(0.0)
+    summary["rank"] = summary["algorithm"].map(method_rank)
+    order = ["sparsity", "block_size", "rank", "variant"]
+    return summary.sort_values(order, kind="stable").drop(columns="rank").reset_index(drop=True)
 
 
-def method_label(summary: dict[str, Any]) -> str:
-    """The method's name, with its variant (the overrides beyond the grid) where it has one."""
-    name = METHOD_NAMES.get(summary["algorithm"], summary["algorithm"])
-    return f"{name} {summary['variant']}" if summary.get("variant") else name
-
-
-def _format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub-flavoured markdown table (readable in a terminal too)."""
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
-
-
+# --- tables -------------------------------------------------------------------------------------------------------
 def _cell(mean: float, std: float, n: int, digits: int) -> str:
-    if math.isnan(mean):
+    if n == 0 or math.isnan(mean):
         return "—"
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
 
 
-def runs_table(summary: Sequence[dict[str, Any]]) -> str:
+def runs_table(summary: pd.DataFrame) -> str:
     """One row per configuration: validation and test metric (and AUROC where logged), achieved sparsity, time."""
-    if not summary:
+    if summary.empty:
         return "(no runs)"
-    metric = summary[0]["metric"]
-    digits = 2 if metric == "val/acc" else 4
-    label = "top-1 %" if metric == "val/acc" else "BCE"
-    auroc = any("auroc_mean" in s for s in summary)
+    metric = summary["metric"].iloc[0]
+    digits, label = (2, "top-1 %") if metric == "val/acc" else (4, "BCE")
+    auroc = bool((summary["auroc_n"] > 0).any())
     header = ["method", "target sparsity", "block", "seeds", f"val {label}", f"test {label}"]
     header += ["val AUROC", "test AUROC"] if auroc else []
     header += ["achieved sparsity", "fit time"]
     rows = []
-    for s in summary:
-        row = [
-            method_label(s),
-            "—" if s["algorithm"] == "dense" else f"{s['sparsity']:.0%}",
-            "—" if s["algorithm"] == "dense" else str(s["block_size"]),
-            str(s["n"]),
-            _cell(s["mean"], s["std"], s["n"], digits),
-            _cell(s["test_mean"], s["test_std"], s["n"], digits),
-        ]
-        if auroc:
-            row += [_cell(s.get(f"{k}mean", math.nan), s.get(f"{k}std", 0.0), s.get(f"{k}n", 0), 4)
-                    for k in ("auroc_", "test_auroc_")]  # fmt: skip
+    for s in summary.to_dict("records"):
+        dense = s["algorithm"] == "dense"
+        row = [method_name(s["algorithm"], s["variant"]), "—" if dense else f"{s['sparsity']:.0%}"]
+        row += ["—" if dense else str(s["block_size"]), str(s["n"])]
+        row += [_cell(s[f"{p}mean"], s[f"{p}std"], s[f"{p}n"], digits) for p in ("", "test_")]
+        row += [_cell(s[f"{p}mean"], s[f"{p}std"], s[f"{p}n"], 4) for p in ("auroc_", "test_auroc_")] if auroc else []
         rows.append([*row, f"{s['achieved']:.2%}", f"{s['seconds']:.0f} s"])
-    return _format_table(header, rows)
+    return text_table(header, rows, markdown=True)
 
 
-def paper_table(
-    summary: Sequence[dict[str, Any]], paper: str | None, stat: str = "mean", achieved: bool = False
-) -> str:
-    """The paper's layout: rows (sparsity, method), one column per block size, paper value in brackets.
+def paper_table(summary: pd.DataFrame, paper: str | None, stat: str = "mean", achieved: bool = False) -> str:
+    """The paper's layout: rows (sparsity, method), one column per block size, the paper's value in brackets.
 
     ``stat`` picks the number: ``"mean"`` (the validation metric), ``"test_mean"``, ``"auroc_mean"`` or
     ``"test_auroc_mean"``; ``achieved=True`` adds the achieved block sparsity of each cell, e.g. ``(97.97%)``.
     """
     prefix = stat.removesuffix("mean")
-    pruned = [s for s in summary if s["algorithm"] != "dense"]
-    if not pruned:
+    pruned = summary[summary["algorithm"] != "dense"]
+    if pruned.empty:
         return "(no pruned runs)"
-    digits = 2 if pruned[0]["metric"] == "val/acc" and "auroc" not in stat else 4
-    blocks = sorted({s["block_size"] for s in pruned})
-    cells = {(s["sparsity"], s["algorithm"], s["variant"], s["block_size"]): s for s in pruned}
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    keys = sorted(
-        {(s["sparsity"], s["algorithm"], s["variant"]) for s in pruned},
-        key=lambda k: (k[0], order.get(k[1], 99), k[2]),
-    )
+    digits = 2 if pruned["metric"].iloc[0] == "val/acc" and "auroc" not in stat else 4
+    blocks = sorted(pruned["block_size"].unique())
+    cells = {(s["sparsity"], s["algorithm"], s["variant"], s["block_size"]): s for s in pruned.to_dict("records")}
+    keys = sorted({k[:3] for k in cells}, key=lambda k: (k[0], method_rank(k[1]), k[2]))
 
     def cell(s: dict[str, Any] | None) -> str:
-        if s is None or f"{prefix}mean" not in s:
-            return "—"
-        return _cell(s[f"{prefix}mean"], s[f"{prefix}std"], s[f"{prefix}n"], digits)
+        return "—" if s is None else _cell(s[f"{prefix}mean"], s[f"{prefix}std"], s[f"{prefix}n"], digits)
 
     rows = []
     for sparsity, algorithm, variant in keys:
-        row = [f"{sparsity:.0%}", method_label({"algorithm": algorithm, "variant": variant})]
+        row = [f"{sparsity:.0%}", method_name(algorithm, variant)]
         for block in blocks:
             s = cells.get((sparsity, algorithm, variant, block))
-            text = cell(s)
-            if achieved and s is not None:
-                text += f" ({s['achieved']:.1%})"
-            reference = paper_value(paper, algorithm, block, sparsity) if paper else None
+            text = cell(s) + (f" ({s['achieved']:.1%})" if achieved and s is not None else "")
             if paper:
+                reference = paper_value(paper, algorithm, int(block), sparsity)
                 text += f" [{reference:.{digits}f}]" if reference is not None else " [—]"
             row.append(text)
         rows.append(row)
-    for d in (s for s in summary if s["algorithm"] == "dense"):
-        ref = f" [{paper_value(paper, 'dense', 0, 0):.{digits}f}]" if paper else ""
-        rows.append(["0%", method_label(d), *([cell(d) + ref] * len(blocks))])
-    header = ["sparsity", "method", *[f"B={b}" for b in blocks]]
-    return _format_table(header, rows)
+    for d in summary[summary["algorithm"] == "dense"].to_dict("records"):
+        reference = f" [{paper_value(paper, 'dense', 0, 0):.{digits}f}]" if paper else ""
+        rows.append(["0%", method_name("dense", d["variant"]), *([cell(d) + reference] * len(blocks))])
+    return text_table(["sparsity", "method", *[f"B={b}" for b in blocks]], rows, markdown=True)
 
 
-# --- SA++'s block score: attention against magnitude (the paper's Fig. 2(a)) ---------------------------------
-SCORE_VARIANTS = {"": "attention", "pruning.score=attention": "attention", "pruning.score=magnitude": "magnitude"}
-
-
-@dataclass(frozen=True)
-class Difference:
-    """Accuracy with attention scores minus accuracy with magnitude scores (points), seed by seed."""
-
-    block: int
-    sparsity: float
-    values: tuple[float, ...]
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.values)
-
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
-
-
-def score_differences(rows: Iterable[dict[str, Any]], split: str = "val") -> dict[str, list[Difference]]:
-    """``{model: [Difference per (block, sparsity)]}`` from SA++ runs (``results.json`` rows, e.g.
-    :func:`sapp_lightning.app.results.load_jsonl`) that differ only in ``pruning.score``: the plain or
-    ``pruning.score=attention`` runs against the ``pruning.score=magnitude`` runs of the same model, block size,
-    sparsity and seed (only seeds with both are paired).
-
-    Example:
-        >>> rows = [{"algorithm": "sapp", "model": "MLP", "block_size": 16, "sparsity": 0.9, "seed": s,
-        ...          "variant": v, "val": {"val/acc": a}}
-        ...         for s, v, a in [(0, "", 0.82), (0, "pruning.score=magnitude", 0.80), (1, "", 0.83)]]
-        >>> score_differences(rows)["MLP"][0].values  # seed 1 has no magnitude run
-        (2.0,)
-    """
-    arms: dict[tuple, dict[str, float]] = defaultdict(dict)
-    for r in rows:
-        score = SCORE_VARIANTS.get(r.get("variant") or "")
-        value = r.get(split, {}).get(f"{split}/acc")
-        if r["algorithm"] == "sapp" and score and value is not None:
-            arms[(r["model"], int(r["block_size"]), round(float(r["sparsity"]), 6), r["seed"])][score] = 100 * value
-    paired: dict[tuple[str, int, float], list[float]] = defaultdict(list)
-    for (model, block, sparsity, _), pair in sorted(arms.items(), key=lambda kv: str(kv[0])):
-        if len(pair) == 2:
-            paired[(model, block, sparsity)].append(round(pair["attention"] - pair["magnitude"], 10))
-    out: dict[str, list[Difference]] = defaultdict(list)
-    for (model, block, sparsity), values in sorted(paired.items()):
-        out[model].append(Difference(block, sparsity, tuple(values)))
-    return dict(out)
-
-
-def score_table(rows: list[dict[str, Any]], split: str = "val") -> str:
-    """SA++ with attention scores minus SA++ with magnitude scores (the paper's Fig. 2(a)), top-1 in points, per
-    model, sparsity and block size: mean ± std over the paired seeds, [min, max]; empty without such pairs."""
-    tables = []
-    for model, differences in score_differences(rows, split).items():
-        blocks = sorted({d.block for d in differences})
-        cells = {(d.sparsity, d.block): d for d in differences}
-        body = [
-            [f"{sparsity:.0%}"]
-            + [
-                f"{d.mean:+.2f} ± {d.std:.2f} [{min(d.values):+.2f}, {max(d.values):+.2f}] (n={len(d.values)})"
-                if (d := cells.get((sparsity, b)))
-                else "—"
-                for b in blocks
-            ]
-            for sparsity in sorted({d.sparsity for d in differences})
-        ]
-        tables.append(_format_table([model, *(f"B={b}" for b in blocks)], body))
-    return "\n\n".join(tables)
-
-
-def compare_table(sources: dict[str, list[dict[str, Any]]], stat: str = "mean") -> str:
+def compare_table(sources: dict[str, pd.DataFrame], stat: str = "mean") -> str:
     """The plain runs (no variant) of several sources side by side, e.g. one grid before and after a change: one
     row per (sparsity, block, method), one column per source, cells mean ± std over seeds of ``stat`` (as in
     :func:`paper_table`)."""
     prefix = stat.removesuffix("mean")
     cells: dict[tuple, list[str]] = {}
-    for i, rows in enumerate(sources.values()):
-        for s in summarize(r for r in rows if not r.get("variant")):
-            if f"{prefix}mean" not in s:
+    for i, frame in enumerate(sources.values()):
+        for s in summarize(frame[frame["variant"] == ""]).to_dict("records"):
+            if not s[f"{prefix}n"]:
                 continue
             digits = 2 if s["metric"] == "val/acc" and "auroc" not in stat else 4
-            dense = s["algorithm"] == "dense"
-            key = (0.0 if dense else s["sparsity"], 0 if dense else s["block_size"], s["algorithm"])
-            cells.setdefault(key, ["—"] * len(sources))[i] = (
+            cells.setdefault((s["sparsity"], s["block_size"], s["algorithm"]), ["—"] * len(sources))[i] = (
                 f"{s[f'{prefix}mean']:.{digits}f} ± {s[f'{prefix}std']:.{digits}f} (n={s[f'{prefix}n']})"
             )
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    keys = sorted(cells, key=lambda k: (k[0], k[1], order.get(k[2], 99)))
-    rows = [[f"{k[0]:.0%}", str(k[1] or "—"), METHOD_NAMES.get(k[2], k[2]), *cells[k]] for k in keys]
-    return _format_table(["sparsity", "block", "method", *sources], rows)
+    keys = sorted(cells, key=lambda k: (k[0], k[1], method_rank(k[2])))
+    rows = [[f"{k[0]:.0%}", str(k[1] or "—"), method_name(k[2]), *cells[k]] for k in keys]
+    return text_table(["sparsity", "block", "method", *sources], rows, markdown=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "roots", nargs="+", metavar="root",
-        help="run or sweep folders (searched recursively for results.json) or bench/quality.py .jsonl files",
-    )  # fmt: skip
-    parser.add_argument(
-        "--paper", choices=["auto", "imagenet", "criteo", "none"], default="auto",
-        help="print the paper's numbers in brackets: auto picks criteo for CTR models on Criteo, imagenet for ResNet50",
-    )  # fmt: skip
-    parser.add_argument(
-        "--plot", action="store_true",
-        help="also draw DIR/results.png (metric against sparsity, one panel per block size) and each pruned run's "
-        "sparsity_curve.png beside its results.json (from its CSV log); needs matplotlib",
-    )  # fmt: skip
-    args = parser.parse_args(argv)
-    try:
-        rows = [row for root in args.roots for row in load_results(root)]
-    except FileNotFoundError as err:
-        print(err, file=sys.stderr)
-        return 1
-    paper = None if args.paper == "none" else args.paper
-    if args.paper == "auto":
-        data = {r.get("data") for r in rows}
-        paper = "criteo" if data == {"CriteoDataModule"} else "imagenet" if data == {"ImageNetDataModule"} else None
-    summary = summarize(rows)
-    print(f"{len(rows)} runs from {', '.join(args.roots)}\n")
-    print(runs_table(summary))
-    if len({s["block_size"] for s in summary if s["algorithm"] != "dense"}) > 1 or paper:
-        print("\nIn the paper's layout" + (f" (the paper's {paper} numbers in brackets)" if paper else "") + ":\n")
-        print(paper_table(summary, paper))
-    return max((_plot(root) for root in args.roots), default=0) if args.plot else 0
+def score_differences(frame: pd.DataFrame, split: str = "val") -> pd.DataFrame:
+    """SA++ with attention scores minus SA++ with magnitude scores (the paper's Fig. 2(a)), top-1 in points, seed by
+    seed: the plain or ``pruning.score=attention`` runs against the ``pruning.score=magnitude`` runs of the same
+    model, block size, sparsity and seed (seeds without both are left out). Columns ``model``, ``block_size``,
+    ``sparsity``, ``seed``, ``difference``.
+
+    Example:
+        >>> rows = [{"algorithm": "sapp", "model": "MLP", "block_size": 16, "sparsity": 0.9, "seed": s,
+        ...          "variant": v, "val": {"val/acc": a}}
+        ...         for s, v, a in [(0, "", 0.82), (0, "pruning.score=magnitude", 0.80), (1, "", 0.83)]]
+        >>> score_differences(to_frame(rows))["difference"].tolist()  # seed 1 has no magnitude run
+        [2.0]
+    """
+    index = ["model", "block_size", "sparsity", "seed"]
+    column = f"{split}/acc"
+    scored = frame["variant"].isin(SCORE_VARIANTS) & _column(frame, column).notna()
+    runs = frame[(frame["algorithm"] == "sapp") & scored]
+    if runs.empty:
+        return pd.DataFrame(columns=[*index, "difference"])
+    runs = runs.assign(score=runs["variant"].map(SCORE_VARIANTS), value=100 * runs[column])
+    arms = runs.pivot_table(index=index, columns="score", values="value", aggfunc="last")
+    if not {"attention", "magnitude"} <= set(arms.columns):
+        return pd.DataFrame(columns=[*index, "difference"])
+    difference = (arms["attention"] - arms["magnitude"]).dropna().round(10)
+    return difference.rename("difference").reset_index()
 
 
-def _plot(root: str) -> int:
-    """Draw the sweep's figures (``--plot``) and say where each went."""
-    try:
-        from .plots import plot_jsonl, plot_sweep
+def score_table(frame: pd.DataFrame, split: str = "val") -> str:
+    """:func:`score_differences` per model, sparsity and block size: mean ± std over the paired seeds, [min, max];
+    empty without such pairs."""
+    tables = []
+    for model, runs in score_differences(frame, split).groupby("model"):
+        stats = runs.groupby(["sparsity", "block_size"])["difference"].agg(["mean", "std", "min", "max", "count"])
+        stats["std"] = stats["std"].fillna(0.0)
+        blocks = sorted(runs["block_size"].unique())
+        cells = stats.to_dict("index")
+        text = lambda d: f"{d['mean']:+.2f} ± {d['std']:.2f} [{d['min']:+.2f}, {d['max']:+.2f}] (n={int(d['count'])})"  # noqa: E731
+        body = [
+            [f"{sparsity:.0%}", *(text(cells[(sparsity, b)]) if (sparsity, b) in cells else "—" for b in blocks)]
+            for sparsity in sorted(runs["sparsity"].unique())
+        ]
+        tables.append(text_table([model, *(f"B={b}" for b in blocks)], body, markdown=True))
+    return "\n\n".join(tables)
 
-        written = plot_jsonl([root], Path(root).parent) if Path(root).suffix == ".jsonl" else plot_sweep(root)
-    except (ImportError, ValueError) as err:
-        print(f"\nno figures: {err}", file=sys.stderr)
-        return 1
-    print()
-    for path in written:
-        kind = "sparsity curve" if path.name == "sparsity_curve.png" else "comparison figure"
-        print(f"{kind}: {path}")
-    return 0
 
+def report(frame: pd.DataFrame, paper: str | Sequence[str] | None = "auto") -> str:
+    """Every table of a set of runs, per (task, model, length) and, for image models, per set of pruned layers (one
+    table never compares runs that pruned different layers; ``min_blocks`` picks layers by block size):
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+    * each configuration with validation and test metric, AUROC for CTR, achieved sparsity and time;
+    * where there are several block sizes or the paper's setting (:func:`paper_setting`; ``paper`` names one for
+      runs of its task, ``None`` none), the paper's layout of the plain runs, its numbers in brackets;
+    * where there are variants, a table of them beside the plain SA++ and ACDC runs of the same cells;
+    * SA++ with attention minus magnitude scores where such pairs exist (:func:`score_table`).
+    """
+    out = []
+    several_data = frame["data"].nunique() > 1
+    for (task, model, epochs, data), runs in sorted(
+        frame.groupby(["task", "model", "epochs", "data"], dropna=False), key=lambda kv: str(kv[0])
+    ):
+        setting = paper_setting(data, model, paper, task)
+        dense = runs[(runs["algorithm"] == "dense") & (runs["variant"] == "")]
+        pruned = runs[runs["algorithm"] != "dense"]
+        title = f"{model}{f' on {DATA_NAMES.get(data, data)}' if several_data else ''} ({task}"
+        title += f", {epochs:g} epochs)" if pd.notna(epochs) else ")"
+        if task == "ctr":
+            sets = {(): pruned} if not pruned.empty else {}
+            stats = [("mean", "validation BCE"), ("test_mean", "test BCE")]
+            stats += [("auroc_mean", "validation AUROC"), ("test_auroc_mean", "test AUROC")]
+        else:
+            sets = dict(iter(pruned.groupby("pruned_layers")))
+            stats = [("mean", "validation top-1 %"), ("test_mean", "test top-1 %")]
+        if not sets:
+            out.append(f"{title}: every configuration\n\n{runs_table(summarize(runs))}")
+        for layers, group in sorted(sets.items(), key=lambda kv: kv[0]):
+            name = title + (f", pruned {', '.join(layers)}" if layers else "")
+            rules = sorted(set(zip(group["block_size"], group["min_blocks"].fillna(0).astype(int))))
+            if task != "ctr" and any(m for _, m in rules):
+                name += " (min_blocks " + ", ".join(f"B={b}: {m or 100}" for b, m in rules) + ")"
+            plain, variants = group[group["variant"] == ""], group[group["variant"] != ""]
+            if not plain.empty and (setting or plain["block_size"].nunique() > 1):
+                summary = summarize(pd.concat([dense, plain]))
+                for stat, label in stats:
+                    reference = setting if "auroc" not in stat else None  # the paper reports no AUROC
+                    note = f", [the paper's {reference} number]" if reference else ""
+                    table = paper_table(summary, reference, stat=stat, achieved=True)
+                    out.append(f"{name}: {label}, mean ± std over seeds (achieved block sparsity){note}\n\n{table}")
+            if not variants.empty:
+                cells = set(zip(variants["sparsity"], variants["block_size"]))
+                references = plain[plain["algorithm"].isin(["sapp", "acdc"])]
+                references = references[[c in cells for c in zip(references["sparsity"], references["block_size"])]]
+                summary = summarize(pd.concat([references, variants]))
+                for stat, label in stats:
+                    table = paper_table(summary, None, stat)
+                    out.append(f"{name}, variants: {label}, mean ± std over seeds\n\n{table}")
+            out.append(f"{name}: every configuration\n\n{runs_table(summarize(pd.concat([dense, group])))}")
+    for split, label in (("val", "validation"), ("test", "test")):
+        table = score_table(frame, split)
+        if table:
+            out.append(f"SA++ with attention minus magnitude scores (Fig. 2(a)), {label} top-1, points\n\n{table}")
+    return "\n\n".join(out) if out else "(no runs)"

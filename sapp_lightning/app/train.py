@@ -8,9 +8,9 @@ Examples (see the README and each recipe's first line)::
     sapp-train pruning=dense           # the dense baseline
     sapp-train recipe=criteo_paper --cfg job   # print the composed config
 
-Each run writes ``results.json`` and the committed weights (``model.pt``) into its output folder;
-``python -m sapp_lightning.app.results DIR`` gathers a sweep into a table. ``ckpt_path=PATH`` or ``ckpt_path=last``
-(with the run's own ``hydra.run.dir``) resumes a run.
+Each run writes ``results.json`` and the committed weights (``model.pt``) into its output folder; ``sapp-results DIR``
+gathers a sweep into tables. ``ckpt_path=PATH`` or ``ckpt_path=last`` (with the run's own ``hydra.run.dir``) resumes a
+run; ``skip_finished=true`` returns a finished run's ``results.json`` instead of training it again.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from .checkpoints import (
     checkpoint_dir,
     resolve_ckpt_path,
     resume_load_options,
+    run_settings,
 )
 from .history import PruningHistory
 from .synthetic import smoke_config
@@ -166,10 +167,36 @@ def pin_global_batch(cfg: DictConfig, datamodule: pl.LightningDataModule, traine
     log.info("global batch %d: %d per device", total, datamodule.batch_size)
 
 
+# Settings that do not change what a run computes or records: a finished run made with other values is reused.
+NOT_COMPARED = ("skip_finished", "threads")
+
+
+def finished_results(cfg: DictConfig) -> dict[str, Any] | None:
+    """The ``results.json`` in the run folder when it was made with this composed configuration (its ``config``),
+    else ``None``, saying why it is trained again."""
+    path = Path(cfg.output_dir) / "results.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    ours = json.loads(json.dumps(run_settings(cfg), default=str))
+    theirs = results.get("config") or {}
+    differ = sorted(k for k in set(ours) | set(theirs) if k not in NOT_COMPARED and ours.get(k) != theirs.get(k))
+    if differ:
+        log.info("skip_finished: %s was made with other settings (%s); training again", path, ", ".join(differ))
+        return None
+    log.info("skip_finished: %s was made with this configuration; not training again", path)
+    return results
+
+
 def run(cfg: DictConfig) -> dict[str, Any] | None:
-    """Train one configuration and return (and save) its results; ``None`` when SLURM preempted it (requeued)."""
+    """Train one configuration and return (and save) its results; ``None`` when SLURM preempted it (requeued).
+    With ``skip_finished``, a run folder that holds the results of this configuration returns them untrained."""
     if cfg.get("smoke"):
         cfg = smoke_config(cfg)
+    if cfg.get("skip_finished") and (finished := finished_results(cfg)) is not None:
+        return finished
+    if cfg.get("threads"):  # e.g. one per run when a sweep runs several at once (conf/bench/fast.yaml)
+        torch.set_num_threads(cfg.threads)
     check_accelerator(cfg)
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is not None:
@@ -245,15 +272,16 @@ def _fit_and_report(cfg, trainer, module, datamodule, pruning, history, ckpt_pat
         results["attention_range"] = attention.ranges
     if history is not None:  # what the sparsifier did: phases and sparsity curves (the figures read these)
         results["pruning"] = history.to_dict()
+    results["config"] = run_settings(cfg)  # what made these results (skip_finished compares it)
     if trainer.is_global_zero:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         torch.save(module.state_dict(), out / "model.pt")  # the committed weights: plain tensors, no callback state
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-    if pruning is not None:
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    if history is not None:
         from .plots import log_sparsity_curve
 
-        log_sparsity_curve(trainer, cfg.output_dir)  # sparsity_curve.png beside the logs (and to W&B)
+        log_sparsity_curve(trainer, cfg.output_dir, results)  # sparsity_curve.png in the run folder (and to W&B)
     return results
 
 
