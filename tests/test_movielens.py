@@ -304,7 +304,7 @@ def test_nothing_found(tmp_path, no_cache):
     with pytest.raises(FileNotFoundError, match="MovieLens-100k not found: .* Set download=True and call prepare_data"):
         dm.setup()
     with pytest.raises(
-        FileNotFoundError, match=r"set data_dir .* run `python -m sapp_lightning\.data\.movielens fetch`"
+        FileNotFoundError, match=r"set data_dir .* run `python -m sapp_lightning\.app\.data\.movielens fetch`"
     ):
         dm.setup()
 

@@ -152,6 +152,7 @@ def smoke_overrides(data_module: str, root: Path) -> list[str]:
     """Write the generated data a data module (its class name) reads under ``root``; the overrides for it."""
     if data_module not in _SMOKE_DATA:
         raise ValueError(f"smoke=true has no generated data for {data_module}; it knows {', '.join(_SMOKE_DATA)}")
+    root.mkdir(parents=True, exist_ok=True)
     return [*_SMOKE_DATA[data_module](root), "data.num_workers=0"] + SMOKE_TRAINER
 
 
