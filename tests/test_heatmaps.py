@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import PLAN, TinyNet, make_trainer, pruning, tiny_loader
+from conftest import PLAN, STEPS, TinyNet, make_trainer, pruning, tiny_loader
 from PIL import Image
 
 from sapp_lightning import BlockSparsifier
@@ -51,7 +51,8 @@ def test_wandb_stores_the_heatmap_as_drawn_with_pruned_blocks_black_and_attentio
                 logits.data.normal_(0, 1)
 
     logger = WandbLogger(project="heatmaps", save_dir=tmp_path, offline=True)
-    trainer = make_trainer(tmp_path, [SpreadLogits(), MaskHeatmaps(), callback], logger=logger)
+    heatmaps = MaskHeatmaps(per_layer_every_phase=True)  # each layer's figure at every phase end too
+    trainer = make_trainer(tmp_path, [SpreadLogits(), heatmaps, callback], logger=logger)
     trainer.fit(TinyNet(), tiny_loader())
     run_dir = Path(logger.experiment.dir)
     assert tmp_path in run_dir.parents
@@ -76,6 +77,17 @@ def test_wandb_stores_the_heatmap_as_drawn_with_pruned_blocks_black_and_attentio
     distinct = np.diff(kept_attention[order]) > 0.02 * kept_attention[order][1:]
     assert (np.diff(kept_light[order])[distinct] >= 0).all() and distinct.sum() > 10  # brighter = more attention
     assert len(list(run_dir.rglob("media/images/pruning/masks_*.png"))) == len(PLAN)  # and the overviews
+
+
+def test_by_default_the_overview_is_drawn_at_each_phase_end_and_each_layer_once_at_the_end(tmp_path):
+    from pytorch_lightning.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, [MaskHeatmaps(), pruning("acdc")], logger=logger)
+    trainer.fit(TinyNet(), tiny_loader())
+    masks = Path(logger.log_dir) / "masks"
+    assert len(list((masks / "overview").glob("*.png"))) == len(PLAN)  # each phase end but the last, and the end
+    assert [p.name for p in (masks / "fc1").glob("*.png")] == [f"step{STEPS:07d}.png"]
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""Block-mask heatmaps a person can read: one figure per pruned layer and one overview of all layers at each phase
-end, sent to W&B as images or saved as PNGs beside the other logs.
+"""Block-mask heatmaps a person can read: an overview of all pruned layers at each phase end, and one figure per
+pruned layer when training ends, sent to W&B as images or saved as PNGs beside the other logs.
 
 Rows are fan-in blocks and columns fan-out blocks (the paper's kernel orientation). Pruned blocks are black;
 kept blocks are pale, or for SA++ coloured by their attention on a log scale (a colour bar gives the values), so
@@ -91,7 +91,8 @@ def layer_figure(state: LayerState, step: int, phase: str) -> Figure:
     rows, cols = state.mask.shape
     height = min(9.0, max(3.0, 2.0 + rows / 12))
     width = min(12.0, max(4.5, 3.0 + cols / 12))
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=100)  # a fixed layout: constrained layout costs most of the drawing
+    fig.subplots_adjust(left=0.8 / width, right=1 - 1.4 / width, bottom=0.6 / height, top=1 - 0.75 / height)
     ax = fig.add_subplot()
     norm = _attention_norm([state])
     image = _draw(ax, state, norm)
@@ -115,7 +116,10 @@ def overview_figure(states: list[LayerState], step: int, phase: str) -> Figure:
     n = len(states)
     columns = min(n, max(1, round(np.sqrt(n * 1.6))))
     rows = -(-n // columns)
-    fig = Figure(figsize=(2.4 * columns + 1.2, 2.2 * rows + 0.8), dpi=100, layout="constrained")
+    width, height = 2.4 * columns + 1.2, 2.2 * rows + 0.8
+    fig = Figure(figsize=(width, height), dpi=100)
+    fig.subplots_adjust(left=0.2 / width, right=1 - 1.4 / width, bottom=0.2 / height, top=1 - 0.95 / height,
+                        wspace=0.15, hspace=0.45)  # fmt: skip
     axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).reshape(-1)
     norm = _attention_norm(states)
     image = None
@@ -133,29 +137,40 @@ def overview_figure(states: list[LayerState], step: int, phase: str) -> Figure:
         fontsize=9,
     )
     if norm is not None and image is not None:
-        _colorbar(fig, image, list(axes[:n]), "attention (log scale)")
+        _colorbar(fig, image, list(axes[:n]), "attention (log scale)", shrink=1.0)
     return fig
 
 
-def _colorbar(fig: Figure, image: Any, ax: Any, label: str) -> None:
-    from matplotlib.ticker import FuncFormatter
+def _colorbar(fig: Figure, image: Any, ax: Any, label: str, shrink: float = 0.8) -> None:
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    bar = fig.colorbar(image, ax=ax, label=label, shrink=0.8)
+    bar = fig.colorbar(image, ax=ax, label=label, shrink=shrink, fraction=0.05, pad=0.03)
     plain = FuncFormatter(lambda value, _: f"{value:.3g}")
     bar.ax.yaxis.set_major_formatter(plain)
-    bar.ax.yaxis.set_minor_formatter(plain)
+    # a range of a decade or more has labelled powers of ten; a narrower one needs its minor ticks labelled
+    wide = image.norm.vmax >= 10 * image.norm.vmin
+    bar.ax.yaxis.set_minor_formatter(NullFormatter() if wide else plain)
 
 
 class MaskHeatmaps(pl.Callback):
-    """Draw the block masks when a phase ends and when training ends: per layer (``per_layer``) and all layers
-    in one overview (``overview``, for models with at least ``overview_min_layers`` pruned layers). W&B gets
-    them as images (``pruning/mask/<layer>``, ``pruning/masks``); other loggers with a folder get PNGs under
-    ``<log_dir>/masks/``. It listens to the :class:`~sapp_lightning.BlockPruning` callback's sparsifier, so its
-    place in the callback list does not matter.
+    """Draw the block masks: all pruned layers in one overview (``overview``) at each phase end and when training
+    ends, and each layer's own figure (``per_layer``) when training ends, or also at every phase end with
+    ``per_layer_every_phase`` (a model with fewer than ``overview_min_layers`` pruned layers gets its layers'
+    figures at every phase end instead of an overview). Drawing costs a tenth of a second or more per figure, so
+    a run with many phases draws a few figures, not dozens. W&B gets them as images (``pruning/mask/<layer>``,
+    ``pruning/masks``); other loggers with a folder get PNGs under ``<log_dir>/masks/``. It listens to the
+    :class:`~sapp_lightning.BlockPruning` callback's sparsifier, so its place in the callback list does not matter.
     """
 
-    def __init__(self, per_layer: bool = True, overview: bool = True, overview_min_layers: int = 2) -> None:
+    def __init__(
+        self,
+        per_layer: bool = True,
+        overview: bool = True,
+        overview_min_layers: int = 2,
+        per_layer_every_phase: bool = False,
+    ) -> None:
         self.per_layer, self.overview, self.overview_min_layers = per_layer, overview, overview_min_layers
+        self.per_layer_every_phase = per_layer_every_phase
         self._trainer: pl.Trainer | None = None
         self._sparsifier: BlockSparsifier | None = None
 
@@ -168,26 +183,28 @@ class MaskHeatmaps(pl.Callback):
 
     def _on_event(self, sparsifier: BlockSparsifier, event: PruningEvent) -> None:
         if event.kind == "phase_end" and event.phase is not None:
-            self._render(sparsifier, f"end of phase {event.segment_index} ({event.phase.name.lower()})")
+            self._render(sparsifier, f"end of phase {event.segment_index} ({event.phase.name.lower()})", end=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._sparsifier is not None and self._sparsifier.layers:
-            self._render(self._sparsifier, "end of training")
+            self._render(self._sparsifier, "end of training", end=True)
 
-    def figures(self, sparsifier: BlockSparsifier, step: int, phase: str) -> dict[str, Figure]:
-        """``{W&B key: figure}`` for the masks as they are now."""
+    def figures(self, sparsifier: BlockSparsifier, step: int, phase: str, end: bool = True) -> dict[str, Figure]:
+        """``{W&B key: figure}`` for the masks as they are now (``end``: training ended; else a phase did)."""
         states = sparsifier.layer_states()
-        figures = {f"pruning/mask/{s.name}": layer_figure(s, step, phase) for s in states} if self.per_layer else {}
-        if self.overview and len(states) >= self.overview_min_layers:
+        overview = self.overview and len(states) >= self.overview_min_layers
+        per_layer = self.per_layer and (end or self.per_layer_every_phase or not overview)
+        figures = {f"pruning/mask/{s.name}": layer_figure(s, step, phase) for s in states} if per_layer else {}
+        if overview:
             figures["pruning/masks"] = overview_figure(states, step, phase)
         return figures
 
-    def _render(self, sparsifier: BlockSparsifier, phase: str) -> None:
+    def _render(self, sparsifier: BlockSparsifier, phase: str, end: bool) -> None:
         trainer = self._trainer
         if trainer is None or not trainer.is_global_zero:
             return
         step = trainer.global_step
-        figures = self.figures(sparsifier, step, phase)
+        figures = self.figures(sparsifier, step, phase, end)
         for logger in trainer.loggers:
             for key, fig in figures.items():
                 if isinstance(logger, WandbLogger):
