@@ -168,6 +168,7 @@ def test_wandb_offline_receives_the_pruning_curves_and_heatmaps(tmp_path, monkey
     assert wandb.run is None  # finished: the next run in this process (a sweep) gets a run of its own
 
 
+@pytest.mark.slow  # a joblib sweep: two sapp-train processes
 def test_joblib_multirun_of_two_jobs_and_the_results_table(tmp_path, capsys):
     data = tmp_path / "fmnist"
     make_fashion_dir(data, n_train=100, n_test=20)

@@ -56,6 +56,7 @@ def uninterrupted(tmp_path_factory, fashion):
     return run_dir
 
 
+@pytest.mark.slow  # sapp-train in subprocesses, killed and resumed
 @pytest.mark.parametrize(
     "where, checkpoints, kill_after",
     [
@@ -76,6 +77,7 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, fashion, uninterrupte
     assert_same_outcome(run_dir, uninterrupted)
 
 
+@pytest.mark.slow  # sapp-train in subprocesses
 def test_slurm_warning_signal_saves_requeues_and_the_requeued_job_resumes(tmp_path, fashion, uninterrupted):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
