@@ -56,6 +56,10 @@ class BlockSparseMultiheadAttention(nn.Module):
         >>> torch.testing.assert_close(sparse(x, x, x)[0], mha(x, x, x)[0])
     """
 
+    # Read by nn.TransformerEncoderLayer and nn.TransformerEncoder before their fused paths (which take the
+    # projections' dense weights): False sends them to the plain path, which calls this module.
+    _qkv_same_embed_dim = False
+
     def __init__(self, in_proj: nn.Module, out_proj: nn.Module, config: dict[str, Any]) -> None:
         super().__init__()
         self.in_proj, self.out_proj = in_proj, out_proj
@@ -97,6 +101,15 @@ class BlockSparseMultiheadAttention(nn.Module):
         return {"embed_dim": mha.embed_dim, "num_heads": mha.num_heads, "dropout": mha.dropout,
                 "batch_first": mha.batch_first, "add_zero_attn": mha.add_zero_attn, "bias_k": mha.bias_k,
                 "bias_v": mha.bias_v}  # fmt: skip
+
+    @property
+    def in_proj_weight(self) -> Tensor:
+        """The ``3E x E`` input projection (a ``torch.sparse`` tensor where it is sparse), for code that reads it."""
+        return self.in_proj.weight
+
+    @property
+    def in_proj_bias(self) -> Tensor | None:
+        return self.in_proj.bias
 
     def _project(self, x: Tensor, which: int) -> Tensor:
         start, stop = which * self.embed_dim, (which + 1) * self.embed_dim
@@ -167,7 +180,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         """The sparse projections' tensors (a dense one is in the model's ``state_dict``)."""
         sparse = {name: getattr(self, name).parts() for name in ("in_proj", "out_proj")
                   if isinstance(getattr(self, name), BlockSparseLinear)}  # fmt: skip
-        return {"module": "mha", **sparse}
+        return {"module": "mha", "embed_dim": self.embed_dim, **sparse}
 
     @classmethod
     def from_parts(cls, parts: dict[str, Any], mha: nn.MultiheadAttention) -> BlockSparseMultiheadAttention:

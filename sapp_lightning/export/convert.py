@@ -276,6 +276,7 @@ def to_block_sparse(
             reason = "its MultiheadAttention stays as it is, and passes out_proj.weight to its fused kernel"
         choices.append(_choose(row.name, module, param_name, reason, asked))
     choices = _replace(target, choices, owners, mha_out, block)
+    keep_off_fused_paths(target)
     summary = ExportSummary(tuple(choices), batch_size, block)
     target.block_sparse_summary = summary
     log.info("to_block_sparse (block %s, batch %d):\n%s", block, batch_size, summary.format())
@@ -321,6 +322,25 @@ def _replace(target: nn.Module, choices: list[ExportChoice], owners: dict, mha_o
         matrix = target.get_submodule(parent).out_proj.matrix
         done[i] = replace(choice, index_dtype=str(matrix.index_dtype).removeprefix("torch."))
     return done
+
+
+_SPARSE = (BlockSparseLinear, BlockSparseConv2d, BlockSparseMultiheadAttention)
+
+
+def keep_off_fused_paths(model: nn.Module) -> None:
+    """Send ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding block-sparse layers to their plain
+    forward: their fused inference paths hand every layer's dense weight to one kernel. An encoder layer's attention
+    becomes a :class:`~.attention.BlockSparseMultiheadAttention` (its projections dense where they were), which
+    those paths refuse; an encoder stops building nested tensors."""
+    for module in list(model.modules()):
+        if not isinstance(module, nn.TransformerEncoderLayer | nn.TransformerEncoder):
+            continue
+        if not any(isinstance(m, _SPARSE) for m in module.modules()):
+            continue
+        if isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+        elif isinstance(module.self_attn, nn.MultiheadAttention) and not attention.unsupported(module.self_attn):
+            module.self_attn = BlockSparseMultiheadAttention.from_mha(module.self_attn, None, None, (1, 1))
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

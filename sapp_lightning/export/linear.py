@@ -70,10 +70,9 @@ class BlockSparseLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The ``out x in`` weight as a ``torch.sparse`` BSR or CSR tensor (of the ``"bsr"`` and ``"csr"`` kernels)."""
-        if self.layout == "own":
-            raise AttributeError("the 'own' kernel keeps packed blocks (.matrix), not a torch.sparse weight")
-        return self.matrix.weight
+        """The ``out x in`` weight as a ``torch.sparse`` tensor: the ``"bsr"`` and ``"csr"`` kernels' own, a CSR
+        copy of the ``"own"`` kernel's (made on first use, for code that looks at ``layer.weight``)."""
+        return self.matrix.weight if self.layout != "own" else self.matrix.torch_sparse()
 
     def forward(self, x: Tensor, columns: tuple[int, int] | None = None) -> Tensor:
         if columns is None and x.dim() == 2:

@@ -207,11 +207,15 @@ class BlockSparseMatrix(nn.Module):
         batch, out_h, out_w, _ = cols.shape
         return self.mm(cols.reshape(-1, self.fan_in), bias).reshape(batch, out_h, out_w, self.fan_out)
 
-    def _copy(self, layout: str, x: Tensor) -> Tensor:
-        """This ``"own"`` matrix as a torch.sparse weight (``fan_out x fan_in``) on ``x``'s device and dtype."""
-        key = (layout, x.device, x.dtype)
+    def torch_sparse(self) -> Tensor:
+        """The ``fan_out x fan_in`` weight as a ``torch.sparse`` CSR tensor (a copy for the ``"own"`` kernel)."""
+        return self.weight if self.kernel != "own" else self._copy("csr", self.values)
+
+    def _copy(self, layout: str, like: Tensor) -> Tensor:
+        """This ``"own"`` matrix as a torch.sparse weight (``fan_out x fan_in``) on ``like``'s device and dtype."""
+        key = (layout, like.device, like.dtype)
         if key not in self._copies:
-            weight = self.to_dense().t().to(device=x.device, dtype=x.dtype).contiguous()
+            weight = self.to_dense().t().to(device=like.device, dtype=like.dtype).contiguous()
             r, c = self.block
             sparse = weight.to_sparse_bsr((c, r)) if layout == "bsr" else weight.to_sparse_csr()
             self._copies[key] = _torch_sparse(sparse, check=False)

@@ -11,7 +11,7 @@ from torch import nn
 from ..blocks import is_hf_conv1d
 from .attention import BlockSparseMultiheadAttention
 from .conv import BlockSparseConv2d
-from .convert import _set_submodule
+from .convert import _set_submodule, keep_off_fused_paths
 from .linear import BlockSparseLinear
 from .summary import ExportChoice, ExportSummary
 
@@ -70,8 +70,7 @@ def _stored_shape(parts: dict[str, Any]) -> tuple[list[int], str]:
     if kind == "conv2d":
         g, fan_out = parts["geometry"], parts["matrix"]["fan_out"]
         return [fan_out, g["in_channels"], *g["kernel_size"]], "conv2d"
-    matrix = (parts.get("in_proj") or parts["out_proj"])["matrix"]
-    return [matrix["fan_in"]], "mha"
+    return [parts["embed_dim"]], "mha"
 
 
 _KIND_NAMES = {"linear": "linear", "hf_conv1d": "Conv1D", "conv2d": "Conv2d", "mha": "MultiheadAttention"}
@@ -114,6 +113,7 @@ def load_block_sparse(path: str | Path, model: nn.Module, map_location: Any = "c
             sparse = BlockSparseLinear.from_parts(parts)
         _set_submodule(model, name, sparse)
     model.load_state_dict(saved["state_dict"], strict=True)
+    keep_off_fused_paths(model)
     if "summary" in saved:
         model.block_sparse_summary = _summary(saved["summary"])
     return model
