@@ -228,6 +228,11 @@ def _fit_and_report(cfg, trainer, module, datamodule, pruning, ckpt_path) -> dic
         out.mkdir(parents=True, exist_ok=True)
         torch.save(module.state_dict(), out / "model.pt")  # the committed weights: plain tensors, no callback state
         (out / "results.json").write_text(json.dumps(results, indent=2))
+    if trainer.is_global_zero and cfg.get("export", {}).get("enabled") and cfg.pruning.algorithm != "dense":
+        from .app.export import describe, export_run
+
+        record = export_run(cfg.output_dir, cfg.export.batch_size, cfg=cfg, datamodule=datamodule)
+        log.info("block-sparse export:\n%s", describe(record))
     if pruning is not None:
         from .app.plots import log_sparsity_curve
 

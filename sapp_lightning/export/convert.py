@@ -276,7 +276,7 @@ def to_block_sparse(
             reason = "its MultiheadAttention stays as it is, and passes out_proj.weight to its fused kernel"
         choices.append(_choose(row.name, module, param_name, reason, asked))
     choices = _replace(target, choices, owners, mha_out, block)
-    keep_off_fused_paths(target)
+    finish_export(target)
     summary = ExportSummary(tuple(choices), batch_size, block)
     target.block_sparse_summary = summary
     log.info("to_block_sparse (block %s, batch %d):\n%s", block, batch_size, summary.format())
@@ -327,11 +327,22 @@ def _replace(target: nn.Module, choices: list[ExportChoice], owners: dict, mha_o
 _SPARSE = (BlockSparseLinear, BlockSparseConv2d, BlockSparseMultiheadAttention)
 
 
-def keep_off_fused_paths(model: nn.Module) -> None:
-    """Send ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding block-sparse layers to their plain
-    forward: their fused inference paths hand every layer's dense weight to one kernel. An encoder layer's attention
-    becomes a :class:`~.attention.BlockSparseMultiheadAttention` (its projections dense where they were), which
-    those paths refuse; an encoder stops building nested tensors."""
+def finish_export(model: nn.Module) -> None:
+    """What the model around the block-sparse layers needs (after :func:`to_block_sparse`, and again after
+    :func:`~.storage.load_block_sparse`):
+
+    * where a convolution became block-sparse, the dense convolutions' weights become channels-last: their outputs
+      are then channels-last too, which is what the sparse convolutions read without a copy (an NCHW activation
+      costs a transposing copy per layer, as much as the sparse product on ResNet50's wide layers);
+    * ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding block-sparse layers take their plain
+      forward: their fused inference paths hand every layer's dense weight to one kernel. An encoder layer's
+      attention becomes a :class:`~.attention.BlockSparseMultiheadAttention` (its projections dense where they
+      were), which those paths refuse; an encoder stops building nested tensors.
+    """
+    if any(isinstance(m, BlockSparseConv2d) for m in model.modules()):
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                module.to(memory_format=torch.channels_last)
     for module in list(model.modules()):
         if not isinstance(module, nn.TransformerEncoderLayer | nn.TransformerEncoder):
             continue

@@ -11,7 +11,7 @@ from torch import nn
 from ..blocks import is_hf_conv1d
 from .attention import BlockSparseMultiheadAttention
 from .conv import BlockSparseConv2d
-from .convert import _set_submodule, keep_off_fused_paths
+from .convert import _set_submodule, finish_export
 from .linear import BlockSparseLinear
 from .summary import ExportChoice, ExportSummary
 
@@ -113,7 +113,7 @@ def load_block_sparse(path: str | Path, model: nn.Module, map_location: Any = "c
             sparse = BlockSparseLinear.from_parts(parts)
         _set_submodule(model, name, sparse)
     model.load_state_dict(saved["state_dict"], strict=True)
-    keep_off_fused_paths(model)
+    finish_export(model)
     if "summary" in saved:
         model.block_sparse_summary = _summary(saved["summary"])
     return model
