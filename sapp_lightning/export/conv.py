@@ -34,8 +34,8 @@ class BlockSparseConv2d(nn.Module):
 
     On the CPU kernel (``"own"``) the input is read channels-last (a channels-last input costs no copy, an NCHW one a
     copy of the input, never an im2col) and the output is a channels-last ``(B, C_out, OH, OW)`` tensor, which the
-    next layers (batch norm, ReLU, this project's next convolution) take as it is. A 1x1 convolution of stride 1 is a
-    plain product over the pixels. The ``torch.sparse`` kernels use an im2col copy.
+    next layers (batch norm, ReLU, this project's next convolution) take as it is. A 1x1 convolution is a plain product
+    over the pixels (every ``stride``-th one, copied together). The ``torch.sparse`` kernels use an im2col copy.
 
     Example:
         >>> conv = nn.Conv2d(16, 32, 3, padding=1)
@@ -81,8 +81,10 @@ class BlockSparseConv2d(nn.Module):
         if pixels is None:
             pixels = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
         batch, height, width, _ = pixels.shape
-        pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
-        if pointwise:
+        if self.kernel_size == (1, 1) and self.padding == (0, 0):  # a product over (every s-th) pixel
+            if self.stride != (1, 1):
+                pixels = pixels[:, :: self.stride[0], :: self.stride[1]]
+                batch, height, width, _ = pixels.shape
             y = self.matrix.mm(pixels.reshape(-1, self.in_channels), self.bias).view(batch, height, width, -1)
         else:
             y = self.matrix.conv(pixels, self.bias, self._geometry())
