@@ -81,6 +81,11 @@ def time_calls(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, f
     return {name: statistics.median(t) / inner for name, t in times.items()}
 
 
+def load() -> float:
+    """The 1-minute load average now (other processes on this machine skew a timing; the rows record it)."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
 def on_threads(threads: int, fn: Callable[[], Any]) -> Any:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -113,7 +118,7 @@ def layer_cells(sparsities: list[float], rows: list[int], threads: list[int], re
             check(calls["torch"], calls["dense"])
             for t in threads:
                 ms = {k: 1e3 * v for k, v in on_threads(t, partial(time_calls, calls, repeats)).items()}
-                row = {"cell": "layers", "name": name, "sparsity": sparsity, "batch": n, "threads": t,
+                row = {"cell": "layers", "name": name, "sparsity": sparsity, "batch": n, "threads": t, "load": load(),
                        "limit": 1 / (1 - sparsity), "ms": ms, "torch_layout": torch_layout,
                        "speedup": {k: ms["dense"] / ms[k] for k in ("own", "torch")},
                        "gflops": {"dense": 2e-6 * n * fan_in * fan_out / ms["dense"],
@@ -142,6 +147,7 @@ def conv_cell(threads: list[int], repeats: int, sparsity: float = 0.9) -> list[d
     for t in threads:
         ms = {k: 1e3 * v for k, v in on_threads(t, partial(time_calls, calls, repeats)).items()}
         row = {"cell": "conv", "name": "conv1x1 256->1024 14x14", "sparsity": sparsity, "batch": 32, "threads": t,
+               "load": load(),
                "limit": 1 / (1 - sparsity), "ms": ms,
                "speedup": {k: ms["dense"] / ms[k] for k in ("own", "own_nchw_input")},
                "speedup_vs_channels_last": ms["dense_channels_last"] / ms["own"]}  # fmt: skip
@@ -293,7 +299,8 @@ def model_cells(names: list[str], batches: list[int], threads: list[int], repeat
             for t in threads:
                 ms = {k: 1e3 * v for k, v in on_threads(t, partial(time_calls, calls, repeats)).items()}
                 speedup = ms["dense"] / ms["block_sparse"]
-                row = {**base, "threads": t, "ms": ms, "speedup": speedup, "share_of_limit": speedup / base["limit"]}
+                row = {**base, "threads": t, "load": load(), "ms": ms, "speedup": speedup,
+                       "share_of_limit": speedup / base["limit"]}  # fmt: skip
                 if "dense_channels_last" in ms:
                     row["speedup_vs_channels_last"] = ms["dense_channels_last"] / ms["block_sparse"]
                 out.append(row)
@@ -310,6 +317,8 @@ def key(row: dict[str, Any]) -> tuple:
 def merge(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     """Rows of this run replace those with the same cell, name, sparsity, batch and threads already in ``path``."""
     old = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    if any("cell" not in r for r in old.get("rows", [])):  # the torch.sparse-only benchmark's rows: kept aside
+        old = {"earlier": {k: v for k, v in old.items()}, "rows": []}
     new_keys = {key(r) for r in rows}
     kept = [r for r in old.get("rows", []) if key(r) not in new_keys]
     return {**old, **meta, "rows": sorted(kept + rows, key=lambda r: tuple(map(str, key(r))))}
@@ -352,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += conv_cell(args.threads, args.repeats)
     if "models" in args.cells:
         rows += model_cells(args.models, args.batches, args.threads, max(3, args.repeats // 3), args.memory)
-    meta = {"machine": machine(), "block": BLOCK, "load_before": open("/proc/loadavg").read().split()[:3]}
+    meta = {"machine": machine(), "block": BLOCK}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(merge(args.out, rows, meta), indent=2))
     print(table(rows))

@@ -282,24 +282,30 @@ static Packed packed(const at::Tensor& ptr, const at::Tensor& rows, const at::Te
   return Packed{ptr.data_ptr<int32_t>(), rows.data_ptr<int32_t>(), vals.data_ptr<float>(), K, N, r, c, vals.size(2)};
 }
 
-// Work units: block-column ranges (as many as threads, where there are enough columns) times chunks of rows
-// (about 256 KiB of x each). parallel_for hands each thread a contiguous run of units, column range first. A product
-// under SERIAL multiply-adds runs on the calling thread: waking the pool costs more than it saves there, and far
-// more on a loaded machine, where a descheduled thread holds up the whole region.
+// Work units: block-column ranges times chunks of rows (at most about 256 KiB of x each). Several threads split
+// the block columns where the packed weights outweigh x (each thread then reads part of the weights and all of x),
+// else the rows (all of the weights, part of x): the smaller share of memory traffic per thread. parallel_for hands
+// each thread a contiguous run of units, column range first. A product under SERIAL multiply-adds runs on the
+// calling thread: waking the pool costs more than it saves there, and far more on a loaded machine, where a
+// descheduled thread holds up the whole region.
 constexpr int64_t SERIAL = 1 << 20;
 
 template <class F>
-static void split(int64_t rows, int64_t row_floats, int64_t panels, int64_t work, const F& unit) {
-  const int64_t chunk = std::max<int64_t>(6, std::min<int64_t>(240, 65536 / std::max<int64_t>(row_floats, 1) / 6 * 6));
-  const int64_t threads = work < SERIAL ? 1 : at::get_num_threads();
-  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(panels, threads));
-  const int64_t chunks = (rows + chunk - 1) / chunk;
+static void split(int64_t rows, int64_t row_floats, int64_t panels, int64_t weight_floats, const F& unit) {
+  const int64_t threads = rows * weight_floats < SERIAL ? 1 : at::get_num_threads();
+  const bool by_rows = rows * row_floats > weight_floats;
+  const int64_t ranges = by_rows ? 1 : std::max<int64_t>(1, std::min<int64_t>(panels, threads));
+  const int64_t most = std::max<int64_t>(6, std::min<int64_t>(240, 65536 / std::max<int64_t>(row_floats, 1)));
+  // as many chunks as needed to stay under `most` rows, rounded up to a multiple of the threads sharing them
+  const int64_t sharing = by_rows ? threads : 1;
+  const int64_t chunks = std::max<int64_t>(1, (rows + most * sharing - 1) / (most * sharing) * sharing);
+  const int64_t chunk = (rows + chunks - 1) / chunks;
   auto body = [&](int64_t u0, int64_t u1) {
     std::vector<char> scratch;  // one per thread: each unit grows it to what it needs
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t range = u / chunks, c = u % chunks;
-      unit(range * panels / ranges, (range + 1) * panels / ranges, c * chunk, std::min(rows, c * chunk + chunk),
-           scratch);
+      const int64_t m0 = std::min(rows, c * chunk), m1 = std::min(rows, c * chunk + chunk);
+      if (m0 < m1) unit(range * panels / ranges, (range + 1) * panels / ranges, m0, m1, scratch);
     }
   };
   if (threads == 1) body(0, ranges * chunks);
@@ -317,7 +323,7 @@ at::Tensor linear(at::Tensor x, at::Tensor ptr, at::Tensor rows, at::Tensor vals
   auto run = use_avx2(vector) ? avx2::linear_unit : baseline::linear_unit;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  split(M, K, ptr.size(0) - 1, M * vals.numel(),
+  split(M, K, ptr.size(0) - 1, vals.numel(),
         [&](int64_t p0, int64_t p1, int64_t m0, int64_t m1, std::vector<char>& scratch) {
           scratch.resize(std::max(scratch.size(), size_t((m1 - m0) * (K + 16) * sizeof(float))));
           run(w, xp, bp, yp, p0, p1, m0, m1, reinterpret_cast<float*>(scratch.data()));
@@ -344,7 +350,7 @@ at::Tensor conv(at::Tensor x, at::Tensor ptr, at::Tensor rows, at::Tensor vals, 
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t taps = g.kh * g.kw;
-  split(g.B * g.OH * g.OW, taps * g.C, ptr.size(0) - 1, g.B * g.OH * g.OW * vals.numel(),
+  split(g.B * g.OH * g.OW, taps * g.C, ptr.size(0) - 1, vals.numel(),
         [&](int64_t p0, int64_t p1, int64_t m0, int64_t m1, std::vector<char>& scratch) {
           scratch.resize(std::max(scratch.size(), size_t((m1 - m0) * taps * sizeof(int64_t))));
           run(w, g, xp, bp, yp, p0, p1, m0, m1, reinterpret_cast<int64_t*>(scratch.data()), zeros.data());
@@ -354,7 +360,7 @@ at::Tensor conv(at::Tensor x, at::Tensor ptr, at::Tensor rows, at::Tensor vals, 
 """
 )
 
-NAME = "sapp_lightning_block_sparse_v3"  # change it with the source: the build cache is keyed by this name
+NAME = "sapp_lightning_block_sparse_v4"  # change it with the source: the build cache is keyed by this name
 _lock = threading.Lock()
 _state: dict[str, object] = {"module": None, "failed": False}
 
