@@ -14,6 +14,8 @@ dense and the exported model interleaved (A B A B ..., medians), on each thread 
   this project's kernel (``own``) and the torch.sparse layout the earlier export chose (``torch``);
 * ``conv``: a 1x1 ``Conv2d(256, 1024)`` on a 14x14 map, batch 32, 90%: dense (NCHW, and channels-last) against
   the exported layer on a channels-last input (what it gets inside an exported network) and on an NCHW one;
+* ``rule`` (not in the default run): the own kernel against dense at 20, 30 and 50% zero blocks, 1-256 rows,
+  layers 256 to 3072 wide: the measurements behind ``kernel_rule``;
 * ``models``: torchvision's ResNet50 (``min_blocks=100``, the recipe's choice), a ViT-B/16 encoder block (197
   tokens), the paper's Criteo model (its first dense layer, as the recipe prunes it; 100,000-row tables) at 90%,
   batch 1 and 32; beside each, the model's own limit from its multiply-adds (pruned layers at their kept
@@ -127,6 +129,25 @@ def layer_cells(sparsities: list[float], rows: list[int], threads: list[int], re
                 print(f"layers {name} {sparsity:.0%} rows={n} threads={t}: own {row['speedup']['own']:.2f}x, "
                       f"torch.sparse ({torch_layout}) {row['speedup']['torch']:.2f}x, limit {row['limit']:.0f}x",
                       flush=True)  # fmt: skip
+    return out
+
+
+def rule_cells(threads: list[int], repeats: int) -> list[dict[str, Any]]:
+    """The measurements behind ``kernel_rule``: the own kernel against dense at low fractions of zero blocks."""
+    out = []
+    shapes = {"1024x1024": (1024, 1024), "768x3072": (768, 3072), "3072x768": (3072, 768), "256x256": (256, 256)}
+    for (name, (fan_in, fan_out)), sparsity in itertools.product(shapes.items(), (0.2, 0.3, 0.5)):
+        torch.manual_seed(0)
+        dense = prune_like_committed_(nn.Sequential(nn.Linear(fan_in, fan_out)), BLOCK, sparsity).eval()
+        own = to_block_sparse(dense, BLOCK, layout="own")
+        for n, t in itertools.product((1, 4, 32, 256), threads):
+            x = torch.randn(n, fan_in)
+            calls = {"dense": partial(dense, x), "own": partial(own, x)}
+            ms = {k: 1e3 * v for k, v in on_threads(t, partial(time_calls, calls, repeats)).items()}
+            row = {"cell": "rule", "name": name, "sparsity": sparsity, "batch": n, "threads": t, "load": load()}
+            out.append({**row, "limit": 1 / (1 - sparsity), "ms": ms, "speedup": {"own": ms["dense"] / ms["own"]}})
+        print(f"rule {name} {sparsity:.0%}: " + ", ".join(f"{r['batch']} rows {r['threads']}t "
+              f"{r['speedup']['own']:.2f}x" for r in out[-4 * len(threads):]), flush=True)  # fmt: skip
     return out
 
 
@@ -341,7 +362,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="layers at 90%% and the convolution, one thread")
-    p.add_argument("--cells", nargs="+", default=["layers", "conv", "models"], choices=["layers", "conv", "models"])
+    p.add_argument("--cells", nargs="+", default=["layers", "conv", "models"],
+                   choices=["layers", "conv", "models", "rule"])  # fmt: skip
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 32, 256])
@@ -359,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += layer_cells(args.sparsities, args.rows, args.threads, args.repeats)
     if "conv" in args.cells:
         rows += conv_cell(args.threads, args.repeats)
+    if "rule" in args.cells:
+        rows += rule_cells(args.threads, max(5, args.repeats // 2))
     if "models" in args.cells:
         rows += model_cells(args.models, args.batches, args.threads, max(3, args.repeats // 3), args.memory)
     meta = {"machine": machine(), "block": BLOCK}
