@@ -29,6 +29,7 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -249,6 +250,40 @@ def multiply_adds(model: nn.Module, inputs: tuple, sparse: nn.Module | None = No
     return total[0]
 
 
+def breakdown(model: nn.Module, inputs: tuple) -> dict[str, float]:
+    """Milliseconds of one forward per kind of leaf module (forward hooks; a block-sparse layer counts as one), the
+    rest (functional ops between modules) as ``other``."""
+    spent: dict[str, float] = {}
+    started: dict[str, float] = {}
+    handles = []
+    for name, module in model.named_modules():
+        leaf = not list(module.children()) or isinstance(module, BlockSparseConv2d | BlockSparseLinear)
+        inside = any(isinstance(model.get_submodule(name.rpartition(".")[0]), BlockSparseMultiheadAttention)
+                     for _ in [0] if "." in name)  # fmt: skip
+        if not leaf and not isinstance(module, BlockSparseMultiheadAttention | nn.MultiheadAttention) or inside:
+            continue
+        kind = type(module).__name__
+
+        def pre(module, args, name=name):
+            started[name] = time.perf_counter()
+
+        def post(module, args, output, name=name, kind=kind):
+            spent[kind] = spent.get(kind, 0.0) + 1e3 * (time.perf_counter() - started[name])
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        with torch.inference_mode():
+            model(*inputs)
+            spent.clear()
+            start = time.perf_counter()
+            model(*inputs)
+            total = 1e3 * (time.perf_counter() - start)
+    finally:
+        for h in handles:
+            h.remove()
+    return {**spent, "other": total - sum(spent.values())}
+
+
 def file_sizes(dense: nn.Module, sparse: nn.Module) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(dense.state_dict(), f"{tmp}/dense.pt")
@@ -262,10 +297,17 @@ def tensor_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
+def _rss() -> int:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
 def memory_probe(name: str, kind: str, batch: int, path: str) -> None:
     """In a fresh process: build the model class, load ``path`` (dense state_dict or block-sparse file), run one
-    batch; print the peak resident memory and the model's tensor bytes as JSON."""
-    import resource
+    batch; print as JSON the resident memory after loading, the peak during the forward (sampled every
+    millisecond), and the model's tensor bytes."""
+    import gc
+    import threading
 
     logging.getLogger("sapp_lightning.export").setLevel(logging.WARNING)
     model, inputs, _ = build_model(name, sparsity=0.0)  # the architecture (its weights are replaced)
@@ -274,10 +316,23 @@ def memory_probe(name: str, kind: str, batch: int, path: str) -> None:
     else:
         load_block_sparse(path, model)
     x = inputs(batch)
+    gc.collect()
+    loaded = _rss()
+    peak, running = [loaded], [True]
+
+    def sample():
+        while running[0]:
+            peak[0] = max(peak[0], _rss())
+            time.sleep(1e-3)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     with torch.inference_mode():
-        model(*x)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_rss": peak, "tensor_bytes": tensor_bytes(model)}))
+        for _ in range(2):
+            model(*x)
+    running[0] = False
+    sampler.join()
+    print(json.dumps({"rss_loaded": loaded, "rss_peak_forward": peak[0], "tensor_bytes": tensor_bytes(model)}))
 
 
 def peak_memory(name: str, dense: nn.Module, sparse: nn.Module, batch: int) -> dict[str, Any]:
@@ -317,6 +372,10 @@ def model_cells(names: list[str], batches: list[int], threads: list[int], repeat
                     "tensor_bytes": {"dense": tensor_bytes(dense), "block_sparse": tensor_bytes(sparse)}}  # fmt: skip
             if memory:
                 base["peak_memory"] = peak_memory(name, dense, sparse, batch)
+            base["breakdown_ms_1_thread"] = {
+                kind: on_threads(1, partial(breakdown, model, x))
+                for kind, model in (("dense", dense), ("block_sparse", sparse))
+            }
             for t in threads:
                 ms = {k: 1e3 * v for k, v in on_threads(t, partial(time_calls, calls, repeats)).items()}
                 speedup = ms["dense"] / ms["block_sparse"]
