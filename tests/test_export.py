@@ -6,6 +6,8 @@ test_export_layers.py; the command: test_export_cli.py."""
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -52,7 +54,7 @@ def test_outputs_match_the_dense_model(layout):
     net = _net()
     sparse = to_block_sparse(net, block_size=8, min_sparsity=0.5, layout=layout)
     assert isinstance(sparse[0], BlockSparseLinear)
-    assert isinstance(sparse[2], BlockSparseLinear)  # 50% zero blocks: the own kernel beats dense from 30%
+    assert isinstance(sparse[2], BlockSparseLinear)  # 50% zero blocks: the own kernel beats dense from 20%
     assert type(sparse[4]) is nn.Linear  # 4 x 6 blocks of 8, none zero
     assert type(net[0]) is nn.Linear  # not in place by default
     for shape in [(7, 64), (2, 5, 64), (1, 64), (64,)]:
@@ -345,7 +347,7 @@ class _Everything(nn.Module):
         self.cross = nn.MultiheadAttention(32, 2, kdim=16, vdim=16, batch_first=True)
         self.sparse = nn.Linear(32, 32)  # 94% zero blocks
         self.mid = nn.Linear(32, 32)  # 50%
-        self.low = nn.Linear(32, 32)  # 25%
+        self.low = nn.Linear(32, 32)  # 12.5%
         self.edge = nn.Linear(36, 32)  # 85%, blocks of 8 do not tile 36
         self.skip = nn.Linear(32, 32)  # 90%
         self.head = nn.Linear(32, 16, bias=False)
@@ -358,7 +360,7 @@ class _Everything(nn.Module):
 def _everything() -> _Everything:
     torch.manual_seed(0)
     model = _Everything()
-    for name, sparsity in [("sparse", 0.95), ("mid", 0.5), ("low", 0.25), ("edge", 0.85), ("skip", 0.9)]:
+    for name, sparsity in [("sparse", 0.95), ("mid", 0.5), ("low", 0.15), ("edge", 0.85), ("skip", 0.9)]:
         zero_blocks_(getattr(model, name), 8, sparsity)
     for name in ("reflect", "attn.out_proj", "cross.out_proj"):
         zero_blocks_(model.get_submodule(name), 8, 0.9)
@@ -375,7 +377,7 @@ def _everything() -> _Everything:
         ({}, "cross.q_proj_weight", "separate Q/K/V projection weights"),
         ({}, "cross.out_proj", "its MultiheadAttention stays as it is"),
         ({"min_sparsity": 0.6}, "mid", "50.0% zero blocks, under min_sparsity=60%"),
-        ({}, "low", "25.0% zero blocks: dense is as fast under 30%"),
+        ({}, "low", "12.5% zero blocks: dense is as fast under 20%"),
         ({}, "attn2", "no zero blocks"),
         ({"exclude": "skip"}, "skip", "excluded"),
         ({"include": "sparse"}, "skip", "not included"),
@@ -439,7 +441,7 @@ def test_a_float64_model_runs_on_torch_sparse():
 
 # --- the rules -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "batch, zero, expected", [(1, 0.9, "own"), (32, 0.3, "own"), (256, 0.5, "own"), (32, 0.29, None), (1, 0.0, None)]
+    "batch, zero, expected", [(1, 0.9, "own"), (32, 0.2, "own"), (256, 0.5, "own"), (32, 0.19, None), (1, 0.0, None)]
 )
 def test_the_kernel_rule(batch, zero, expected):
     assert kernel_rule(batch, zero)[0] == expected
@@ -563,3 +565,18 @@ def test_a_file_of_a_newer_format_is_refused_with_its_version(tmp_path):
     torch.save({**saved, "format": "sapp_lightning.block_sparse/4"}, path)
     with pytest.raises(ValueError, match=r"written by a newer sapp_lightning \(format sapp_lightning.block_sparse/4"):
         load_block_sparse(path, _net())
+
+
+def test_the_readme_snippet_runs(tmp_path, monkeypatch):
+    """The snippet of the README's "Run the pruned model" (or of its draft, until it is folded in)."""
+    root = Path(__file__).resolve().parents[1]
+    for doc in (root / "README.md", root / "docs" / "README_run_the_pruned_model.md"):
+        blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+        found = [b for b in blocks if "load_block_sparse(" in b]
+        if found:
+            break
+    assert len(found) == 1
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(found[0], str(doc), "exec"), namespace)
+    assert isinstance(namespace["restored"][0], BlockSparseConv2d)

@@ -33,7 +33,7 @@ Example:
     >>> print(sparse.block_sparse_summary.format())  # doctest: +NORMALIZE_WHITESPACE
     layer  type    kernel   zero blocks      indices  why / note
     0      Linear  own 8x8  75% (8/32 kept)  int32    batch 32, 75.0% zero blocks: own kernel (dense is faster
-                                                      under 30%)
+                                                      under 20%)
     2      Linear  dense    0% (4/4 kept)             no zero blocks
 """
 
