@@ -14,6 +14,7 @@ dense and the exported model interleaved (A B A B ..., medians), on each thread 
   this project's kernel (``own``) and the torch.sparse layout the earlier export chose (``torch``);
 * ``conv``: a 1x1 ``Conv2d(256, 1024)`` on a 14x14 map, batch 32, 90%: dense (NCHW, and channels-last) against
   the exported layer on a channels-last input (what it gets inside an exported network) and on an NCHW one;
+* ``fallback`` (not in the default run): convolutions through torch.sparse (im2col, no compiler) against dense;
 * ``coverage`` (not in the default run): MobileNetV3-small, a ViT and GPT-2 in tiny configs, what export does with
   each weight;
 * ``rule`` (not in the default run): the own kernel against dense at 10-50% zero blocks, 1-256 rows,
@@ -225,6 +226,36 @@ def coverage_cells() -> list[dict[str, Any]]:
         out.append({"cell": "coverage", "name": name, "sparsity": 0.9, "batch": rows, "threads": 0,
                     "exported": dict(kinds), "dense": dict(dense)})  # fmt: skip
         print(f"coverage {name}: exported {dict(kinds)}; dense {dict(dense)}", flush=True)
+    return out
+
+
+def fallback_cells(repeats: int) -> list[dict[str, Any]]:
+    """Convolutions on torch.sparse (what a machine without a compiler would have: an im2col copy, then
+    ``torch.sparse.mm``) against dense oneDNN, at 90%, one thread: why export keeps them dense there."""
+    from sapp_lightning.export import kernels, matrix
+
+    out = []
+    saved = dict(kernels._state)
+    kernels._state.update(module=None, failed=True)  # as without a compiler (no warning: not a user's run)
+    matrix._warned.add("no-kernel")
+    try:
+        for cin, cout, k, size, batch in [(256, 256, 3, 14, 32), (64, 64, 3, 56, 8), (256, 1024, 1, 14, 32),
+                                          (128, 128, 3, 28, 1)]:  # fmt: skip
+            torch.manual_seed(0)
+            dense = prune_like_committed_(nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2)), BLOCK, 0.9).eval()
+            x = torch.randn(batch, cin, size, size)
+            calls = {"dense": partial(dense, x)}
+            for layout in ("csr", "bsr"):
+                calls[layout] = partial(to_block_sparse(dense, BLOCK, layout=layout), x)
+            times, alone = on_threads(1, partial(time_alone, calls, repeats))
+            ms = {key: 1e3 * v for key, v in times.items()}
+            name = f"conv{k}x{k} {cin}->{cout} {size}x{size}"
+            out.append({"cell": "fallback", "name": name, "sparsity": 0.9, "batch": batch, "threads": 1, "alone": alone,
+                        "ms": ms, "speedup": {key: ms["dense"] / ms[key] for key in ("csr", "bsr")}})  # fmt: skip
+            print(f"fallback {name} batch {batch}: csr {out[-1]['speedup']['csr']:.2f}x, bsr "
+                  f"{out[-1]['speedup']['bsr']:.2f}x", flush=True)  # fmt: skip
+    finally:
+        kernels._state.update(saved)
     return out
 
 
@@ -483,7 +514,7 @@ def merge(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    rows = [r for r in rows if "ms" in r]
+    rows = [r for r in rows if "ms" in r and r["cell"] != "fallback"]
     lines = ["| cell | name | sparsity | batch | threads | dense ms | block-sparse ms | speedup | limit | share |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
@@ -585,6 +616,16 @@ def report(path: Path) -> str:
             cells = [find.get(("rule", name, sparsity, n, t)) for n in (1, 4, 32, 256) for t in threads]
             out.append(f"| {name} | {sparsity:.0%} | " + " | ".join("—" if c is None else f"{_own(c):.2f}x"
                                                                      for c in cells) + " |")  # fmt: skip
+    fallback = [r for r in rows if r["cell"] == "fallback"]
+    if fallback:
+        out += [
+            "",
+            "| convolution (torch.sparse, 90%, one thread) | batch | dense ms | csr | bsr |",
+            "|---|---|---|---|---|",
+        ]
+        for r in fallback:
+            out.append(f"| {r['name']} | {r['batch']} | {r['ms']['dense']:.1f} | {r['speedup']['csr']:.2f}x | "
+                       f"{r['speedup']['bsr']:.2f}x |")  # fmt: skip
     coverage = [r for r in rows if r["cell"] == "coverage"]
     if coverage:
         out.append("")
@@ -599,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="layers at 90%% and the convolution, one thread")
     p.add_argument("--cells", nargs="+", default=["layers", "conv", "models"],
-                   choices=["layers", "conv", "models", "rule", "coverage"])  # fmt: skip
+                   choices=["layers", "conv", "models", "rule", "coverage", "fallback"])  # fmt: skip
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 32, 256])
@@ -622,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += layer_cells(args.sparsities, args.rows, args.threads, args.repeats)
     if "conv" in args.cells:
         rows += conv_cell(args.threads, args.repeats)
+    if "fallback" in args.cells:
+        rows += fallback_cells(args.repeats)
     if "coverage" in args.cells:
         rows += coverage_cells()
     if "rule" in args.cells:

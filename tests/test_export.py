@@ -580,3 +580,16 @@ def test_the_readme_snippet_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(found[0], str(doc), "exec"), namespace)
     assert isinstance(namespace["restored"][0], BlockSparseConv2d)
+
+
+@pytest.mark.usefixtures("torch_sparse_only")
+def test_without_a_compiler_convolutions_stay_dense_and_attention_runs_on_torch_sparse():
+    model = vit()
+    sparse = to_block_sparse(model, block_size=8, batch_size=2 * 17)
+    summary = sparse.block_sparse_summary
+    assert summary["conv_proj"].reason.startswith("torch.sparse (the own kernel is not built")
+    assert isinstance(sparse.encoder.layers[0].self_attention, BlockSparseMultiheadAttention)
+    assert summary["encoder.layers.encoder_layer_0.self_attention.in_proj_weight"].layout == "bsr"
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(images), model(images))

@@ -40,6 +40,11 @@ BIG_BLOCK = 16  # blocks this large (both sides): BSR for 1-2 rows, CSR from 4 r
 SMALL_BLOCK_BSR_ROWS = 16  # blocks under 16: BSR (padded) from 16 rows, CSR below
 
 
+# Without the own kernel a convolution would go through an im2col copy and torch.sparse.mm: 0.1-0.9x dense oneDNN
+# at 90% zero blocks, 1x1 and 3x3, batch 1-32 (docs/results.md section 3), so it stays dense there.
+TORCH_SPARSE_CONV = "torch.sparse (the own kernel is not built or takes float32): slower than dense for convolutions"
+
+
 def zero_block_fraction(weight: torch.Tensor, block_size: BlockSize, kind: KernelKind = "linear") -> float:
     """Fraction of the blocks of a weight (paper orientation ``fan_in x fan_out``) that are all zero; ``kind``
     is ``"linear"`` for an ``nn.Linear`` weight (``out x in``), ``"hf_conv1d"`` for a Conv1D's (``in x out``),
@@ -187,6 +192,8 @@ def _choose(label: str, module: nn.Module, param_name: str, reason: str | None, 
         chosen, why = asked.layout, f"layout={asked.layout!r} asked"
     elif asked.own and own_fits:
         chosen, why = kernel_rule(asked.batch_size, zero)
+    elif isinstance(module, nn.Conv2d):
+        return dense(TORCH_SPARSE_CONV)
     else:
         chosen, why = layout_rule(asked.batch_size, blocksize, zero)
         why += " (torch.sparse: the own kernel " + ("is not built)" if own_fits else "takes float32)")
