@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..blocks import BlockLayout
+from ..report import measure_layer
 from . import kernels
 
 KERNELS = ("own", "bsr", "csr")
@@ -121,7 +123,9 @@ class BlockSparseMatrix(nn.Module):
             return int(self.rows.numel())
         if self.kernel == "bsr":
             return int(self.weight.values().shape[0])
-        return _count_blocks(self.to_dense(), self)
+        kernel_matrix = self.to_dense()
+        layer = measure_layer("", kernel_matrix, BlockLayout("hf_conv1d", tuple(kernel_matrix.shape), self.block))
+        return layer.num_blocks - layer.zero_blocks
 
     @property
     def index_dtype(self) -> torch.dtype:
@@ -282,22 +286,17 @@ def _pack(kernel_matrix: Tensor, r: int, c: int) -> dict[str, Tensor]:
     """The own kernel's layout: ``ptr`` (block columns + 1), ``rows`` (block row of each kept block, ascending in
     each block column), ``values`` (kept blocks ``r x cp``, ``cp`` = ``c`` rounded up to 8, zero padded)."""
     fan_in, fan_out = kernel_matrix.shape
-    rows, cols = math.ceil(fan_in / r), math.ceil(fan_out / c)
+    layout = BlockLayout("hf_conv1d", (fan_in, fan_out), (r, c))  # the kind whose kernel matrix is the weight
+    rows, cols = layout.grid_shape
     padded = F.pad(kernel_matrix, (0, cols * c - fan_out, 0, rows * r - fan_in))
     blocks = padded.reshape(rows, r, cols, c).permute(2, 0, 1, 3)  # block column, block row, r, c
-    kept = blocks.abs().amax(dim=(2, 3)) > 0  # exact: a block with any nonzero entry stays
+    with torch.no_grad():  # the zero blocks are those report.measure_layer counts: a block whose squares sum to 0
+        kept = (layout.block_sq_norms(kernel_matrix) != 0).t()
     ptr = torch.zeros(cols + 1, dtype=torch.int32, device=kernel_matrix.device)
     ptr[1:] = kept.sum(1).cumsum(0)
     block_rows = kept.nonzero()[:, 1].to(torch.int32).contiguous()  # row-major: block column by block column
     values = F.pad(blocks[kept], (0, (-c) % 8)).contiguous()
     return {"ptr": ptr, "rows": block_rows, "values": values}
-
-
-def _count_blocks(dense_kernel: Tensor, matrix: BlockSparseMatrix) -> int:
-    r, c = matrix.block
-    rows, cols = matrix.grid_shape
-    padded = F.pad(dense_kernel, (0, cols * c - matrix.fan_out, 0, rows * r - matrix.fan_in))
-    return int((padded.reshape(rows, r, cols, c).abs().amax(dim=(1, 3)) > 0).sum())
 
 
 def _torch_sparse(sparse: Tensor, check: bool) -> Tensor:

@@ -28,6 +28,20 @@ def save_block_sparse(model: nn.Module, path: str | Path) -> None:
     the own kernel without their padding; the file holds tensors and plain values only
     (``torch.load(weights_only=True)`` reads it), with the export summary. :func:`load_block_sparse` rebuilds the
     model into a fresh instance of the architecture.
+
+    Example:
+        >>> import tempfile
+        >>> from sapp_lightning.export import to_block_sparse
+        >>> net = nn.Sequential(nn.Linear(32, 32))
+        >>> with torch.no_grad():
+        ...     net[0].weight[:, 16:] = 0
+        >>> path = f"{tempfile.mkdtemp()}/model.pt"
+        >>> save_block_sparse(to_block_sparse(net, block_size=16), path)
+        >>> loaded = load_block_sparse(path, nn.Sequential(nn.Linear(32, 32)))
+        >>> loaded[0]
+        BlockSparseLinear(in_features=32, out_features=32, kernel=own, blocksize=(16, 16), nonzero_blocks=2/4)
+        >>> x = torch.randn(3, 32)
+        >>> torch.testing.assert_close(loaded(x), net(x))
     """
     sparse: dict[str, Any] = {}
     for name, module in model.named_modules():
