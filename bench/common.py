@@ -206,3 +206,26 @@ def zero_random_blocks_(layer: torch.nn.Linear, block: int, sparsity: float) -> 
     with torch.no_grad():
         layer.weight.mul_(layout.expand(mask.reshape(layout.grid_shape)))
     return layer
+
+
+def prune_like_committed_(
+    model: torch.nn.Module,
+    block: int,
+    sparsity: float,
+    min_blocks: int = 0,
+    include: list[str] | None = None,
+) -> torch.nn.Module:
+    """Zero ``sparsity`` of the blocks of every weight BlockPruning would prune (``sapp_lightning.targets``: Linear,
+    Conv2d, Conv1D, MultiheadAttention's input projection; ``min_blocks`` and ``include`` as in BlockPruning), chosen
+    at random, as a committed model has them. Returns ``model``."""
+    from sapp_lightning.blocks import keep_count
+    from sapp_lightning.targets import compile_patterns, survey
+
+    chosen, _, _ = survey(model, block, min_blocks, compile_patterns(include, "include"))
+    with torch.no_grad():
+        for candidate in chosen:
+            layout = candidate.layout
+            mask = torch.zeros(layout.num_blocks)
+            mask[torch.randperm(layout.num_blocks)[: keep_count(layout.num_blocks, sparsity)]] = 1
+            candidate.weight.mul_(layout.expand(mask.reshape(layout.grid_shape)))
+    return model

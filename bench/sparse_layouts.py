@@ -27,7 +27,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import interleaved_times, machine, zero_random_blocks_  # noqa: E402
-from sapp_lightning.export import DENSE_MARGIN, BlockSparseLinear, layout_rule  # noqa: E402
+from sapp_lightning.export import BlockSparseLinear, layout_rule  # noqa: E402
+from sapp_lightning.export.convert import DENSE_MARGIN  # noqa: E402
 
 SHAPES = {"1024-1024": (1024, 1024), "768-3072": (768, 3072), "3072-768": (3072, 768)}  # "in-out"
 

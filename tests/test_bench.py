@@ -80,13 +80,16 @@ def test_inference_quick(tmp_path):
     out = tmp_path / "inference.json"
     text = _run("inference.py", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert {r["batch"] for r in rows} == {1, 32, 256}
-    assert {r["model"] for r in rows} == {"square", "mlp"}
+    layers = [r for r in rows if r["cell"] == "layers"]
+    assert {r["batch"] for r in layers} == {1, 32, 256} and {r["threads"] for r in rows} == {1}
+    assert {r["name"] for r in layers} == {"1024x1024", "768x3072"}
     assert all(r["limit"] == pytest.approx(10.0) for r in rows)
-    assert "limit 1/(1-s)" in text
-    # blocks of 16: the rule picks BSR for 1 row, CSR from 32; the files are a fraction of the dense one
-    assert {r["batch"]: r["auto_layouts"][0] for r in rows if r["model"] == "mlp"} == {1: "bsr", 32: "csr", 256: "csr"}
-    assert all(r["file_bytes"]["bsr"] < 0.12 * r["file_bytes"]["dense"] for r in rows)
+    assert all(set(r["speedup"]) == {"own", "torch"} for r in layers)
+    # the layout the earlier export's rule picked, timed beside the own kernel: BSR for 1 row, CSR from 32
+    chosen = {r["batch"]: r["torch_layout"] for r in layers if r["name"] == "768x3072"}
+    assert chosen == {1: "bsr", 32: "csr", 256: "csr"}
+    assert [r["name"] for r in rows if r["cell"] == "conv"] == ["conv1x1 256->1024 14x14"]
+    assert "| cell | name |" in text
 
 
 def test_store_skips_finished_runs_and_torn_lines(tmp_path):

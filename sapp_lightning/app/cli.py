@@ -138,3 +138,24 @@ def results(argv: Sequence[str] | None = None) -> int:
         kind = "score-difference figure" if path.name == SCORE_FIGURE else kind
         print(f"{'training accuracy' if args.train_acc and str(path) == args.train_acc else kind}: {path}")
     return 0
+
+
+def export(argv: Sequence[str] | None = None) -> int:
+    """``sapp-export RUN_DIR``: a finished run's committed model as a block-sparse model file, its summary and the
+    speedup measured at the batch given (:mod:`sapp_lightning.app.export`). Returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="sapp-export",
+        description="A finished sapp-train run to a block-sparse model for inference: model_block_sparse.pt, "
+        "block_sparse_summary.txt and export.json in RUN_DIR, and the speedup measured at --batch-size.",
+    )
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished sapp-train run folder")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=/data/imagenet")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per call to choose kernels for and time")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", type=Path, help="the model file (default: RUN_DIR/model_block_sparse.pt)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls of each model")
+    parser.add_argument("--no-measure", action="store_true", help="skip the timing")
+    args = parser.parse_args(argv)
+    from .export import run_command
+
+    return run_command(args)
