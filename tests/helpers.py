@@ -149,6 +149,12 @@ def zero_blocks_(target, block_size, sparsity: float | None = None, *, blocks=No
     return weight
 
 
+def save_checkpoint_holding(path: Path, extra: object) -> Path:
+    """A checkpoint file of one weight with ``extra`` (a pickled object, say) among its callbacks' state."""
+    torch.save({"state_dict": {"fc.weight": torch.ones(2, 2)}, "callbacks": {"Evil": extra}}, path)
+    return path
+
+
 # --- callbacks that watch or poke a fit -------------------------------------------------------------------------------
 class MaskRecorder(pl.Callback):
     """Placed before BlockPruning: keeps the masks as they are when fit ends, before the commit."""
@@ -334,6 +340,11 @@ REPARAM_SHAPES = {
 
 
 # --- models nobody here wrote, from tiny configs (no downloads) -------------------------------------------------------
+# How tests prune them: 50% of the blocks of 8x8 of every layer with 4 or more, over a few steps.
+MODEL_PLAN = [("dense", 0.25), ("sparsify", 0.25), ("sparse", 0.5)]
+MODEL_SPARSITY, MODEL_BLOCK, MODEL_STEPS = 0.5, 8, 12
+
+
 def tiny_bert():
     import transformers  # a test dependency ([dev]), never one of sapp_lightning
 

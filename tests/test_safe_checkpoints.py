@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_checkpoint_holding
 from omegaconf import OmegaConf
 from test_app import compose_cfg
 
@@ -18,58 +18,9 @@ from sapp_lightning.app.checkpoints import check_checkpoint
 from sapp_lightning.app.synthetic import make_fashion_dir
 from sapp_lightning.app.train import run
 
-SYSTEM = re.escape(f"{os.system.__module__}.system")  # posix.system
-
-
-class RunsACommand:
-    """What a malicious checkpoint carries: unpickling it calls ``os.system(command)``."""
-
-    def __init__(self, command: str) -> None:
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
-def save(path: Path, extra: object) -> Path:
-    torch.save({"state_dict": {"fc.weight": torch.ones(2, 2)}, "callbacks": {"Evil": extra}}, path)
-    return path
-
-
-def test_a_checkpoint_that_would_run_a_command_is_refused_naming_it_and_runs_nothing(tmp_path):
-    marker = tmp_path / "it-ran"
-    path = save(tmp_path / "evil.ckpt", RunsACommand(f"touch {marker}"))
-    message = rf"checkpoint {re.escape(str(path))} holds {SYSTEM}, beyond tensors and plain data: it was not opened"
-    with pytest.raises(UnsafeCheckpointError, match=message + r".* with trusted=True \(sapp-train: trusted=true\)"):
-        committed_state_dict(path)
-    with pytest.raises(UnsafeCheckpointError, match=message):
-        load_checkpoint(path)
-    assert not marker.exists()
-
-
-def test_a_pickled_partial_is_refused_and_opens_when_trusted(tmp_path):
-    path = save(tmp_path / "partial.ckpt", functools.partial(print, "called"))  # inert until called
-    with pytest.raises(UnsafeCheckpointError, match=r"holds .*functools\.partial.*, beyond tensors and plain data"):
-        committed_state_dict(path)
-    assert torch.equal(committed_state_dict(path, trusted=True)["fc.weight"], torch.ones(2, 2))
-    assert load_checkpoint(path, trusted=True)["callbacks"]["Evil"].func is print
-
-
-def test_the_type_is_named_from_torchs_message_where_torch_cannot_list_them(tmp_path, monkeypatch):
-    monkeypatch.delattr(torch.serialization, "get_unsafe_globals_in_checkpoint")  # torch < 2.5
-    path = save(tmp_path / "partial.ckpt", functools.partial(print, "called"))
-    with pytest.raises(UnsafeCheckpointError, match=r"holds functools\.partial, beyond tensors and plain data"):
-        load_checkpoint(path)
-
-
-def test_paths_in_hyperparameters_are_allowed(tmp_path):
-    path = tmp_path / "paths.ckpt"
-    torch.save({"state_dict": {}, "datamodule_hyper_parameters": {"data_dir": Path("/data/fashion")}}, path)
-    assert load_checkpoint(path)["datamodule_hyper_parameters"]["data_dir"] == Path("/data/fashion")
-
 
 def test_sapp_train_refuses_it_before_training_unless_trusted(tmp_path):
-    path = save(tmp_path / "partial.ckpt", functools.partial(print, "called"))
+    path = save_checkpoint_holding(tmp_path / "partial.ckpt", functools.partial(print, "called"))
     cfg = OmegaConf.create({"resume_check": True, "trusted": False})
     with pytest.raises(UnsafeCheckpointError, match=r"holds .*functools\.partial.* \(sapp-train: trusted=true\)"):
         check_checkpoint(path, cfg)
@@ -78,8 +29,14 @@ def test_sapp_train_refuses_it_before_training_unless_trusted(tmp_path):
 
 # 100 images, 20 for validation, batches of 16: 5 steps per epoch, 2 epochs
 SETTINGS = ["recipe=fashion_mnist_demo", "pruning=sapp", "trainer.max_epochs=2", "data.batch_size=16"]
+
+
 SETTINGS += ["data.val_size=20", "logger=none", "trainer.enable_progress_bar=false", "~callbacks.mask_heatmaps"]
+
+
 SETTINGS += ["test=false", "callbacks.checkpoint.save_top_k=-1"]
+
+
 MID_EPOCH = ["callbacks.checkpoint.every_n_train_steps=3", "callbacks.checkpoint.every_n_epochs=null"]
 
 
