@@ -74,6 +74,7 @@ def test_recipes_override_the_primary_config_including_the_sweep_folder(tmp_path
     assert compose_cfg([], tmp_path).hydra.sweep.dir.startswith("runs/multirun/")
 
 
+@pytest.mark.slow  # sapp-train in a subprocess (the wheel check runs --cfg job for every recipe)
 def test_cfg_job_prints_the_composed_config():
     out = subprocess.run(
         [sys.executable, "-m", "sapp_lightning.app.train", "recipe=criteo_paper", "pruning=dense", "--cfg", "job"],
