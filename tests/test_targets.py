@@ -38,6 +38,7 @@ from torchvision.models.convnext import CNBlock
 from sapp_lightning import BlockPruning, BlockSparsifier, block_sparsity, keep_count
 
 
+# --- include, min_blocks, tied weights, nothing to prune --------------------------------------------------------------
 def test_invalid_regex():
     with pytest.raises(ValueError, match="include holds an invalid regular expression"):
         BlockPruning("acdc", sparsity=0.5, block_size=4, include=["fc("])
