@@ -12,7 +12,7 @@ a first-order backward, outside ``torch.compile``), they replace:
   scaled values in one pass over that block-row while it is in cache.
 
 Results equal the eager ones within float rounding (the sums run in another order). docs/results.md section 2 has
-the measurements; ``tests/test_reparam.py`` checks both paths against each other.
+the measurements; ``tests/test_fused.py`` checks both paths against each other.
 
 Every kernel sees a blocked tensor as 5-D ``(A0, a, A1, b, T)``, contiguous, with the blocks indexed by
 ``(A0, A1, T)`` and ``a x b`` entries each: a Linear view ``(gc, c, gr, r, 1)``, a Conv2d view

@@ -1,4 +1,6 @@
-"""sapp-train: configs compose, every recipe runs on tiny data in its real format, sweeps and loggers work."""
+"""sapp-train (train.py, configs.py, conf/ and recipes/): configs compose, every recipe runs on tiny data in its real
+format, the paper's remaining recipes (Table 3, Table 4, unstructured global ACDC) compose and sweep the paper's grid,
+sweeps and loggers work."""
 
 from __future__ import annotations
 
@@ -6,27 +8,19 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
+import torch
+from helpers import compose_cfg
 
 from sapp_lightning import BlockPruning
 from sapp_lightning.app.cli import results as results_main
 from sapp_lightning.app.configs import CONFIG_DIR, RECIPES_DIR
-from sapp_lightning.app.synthetic import make_criteo_tsv, make_fashion_dir, make_imagefolder
+from sapp_lightning.app.synthetic import make_criteo_tsv, make_fashion_dir, make_imagefolder, make_ml100k_dir
 from sapp_lightning.app.train import build_pruning, run
 
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 PRUNINGS = sorted(p.stem for p in (CONFIG_DIR / "pruning").glob("*.yaml") if not p.stem.startswith("_"))
-
-
-def compose_cfg(overrides: list[str], output_dir: Path):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, f"output_dir={output_dir}"], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 def test_there_are_recipes_and_pruning_options():
@@ -80,6 +74,7 @@ def test_recipes_override_the_primary_config_including_the_sweep_folder(tmp_path
     assert compose_cfg([], tmp_path).hydra.sweep.dir.startswith("runs/multirun/")
 
 
+@pytest.mark.slow  # sapp-train in a subprocess (the wheel check runs --cfg job for every recipe)
 def test_cfg_job_prints_the_composed_config():
     out = subprocess.run(
         [sys.executable, "-m", "sapp_lightning.app.train", "recipe=criteo_paper", "pruning=dense", "--cfg", "job"],
@@ -122,9 +117,7 @@ def test_criteo_recipe_runs_on_a_kaggle_tsv(tmp_path):
 
 
 def test_movielens_recipe_runs_on_the_ml100k_layout(tmp_path):
-    from test_movielens import write_ml100k
-
-    folder = write_ml100k(tmp_path / "ml-100k")
+    folder = make_ml100k_dir(tmp_path / "ml-100k")
     overrides = ["recipe=movielens_ctr", "pruning=sapp", f"data.data_dir={folder}", "data.batch_size=8"]
     overrides += ["pruning.block_size=5", "data.val_fraction=0.2", "data.test_fraction=0.2"]
     results = run(compose_cfg(overrides + FAST, tmp_path / "out"))
@@ -216,31 +209,6 @@ def test_skip_finished_returns_a_finished_runs_results_only_when_its_config_is_t
         run(other)
 
 
-def test_image_classifier_can_train_the_attention_logits_at_a_scaled_learning_rate(tmp_path):
-    import pytorch_lightning as pl
-    import torch
-    from conftest import make_trainer
-
-    from sapp_lightning.algorithms import BlockAttention
-    from sapp_lightning.app.models import ImageClassifier
-
-    class Groups(pl.Callback):
-        def on_train_start(self, trainer, pl_module):
-            logits = {id(m.logits) for m in pl_module.modules() if isinstance(m, BlockAttention)}
-            self.groups = [
-                (g["initial_lr"], g["weight_decay"], {id(p) in logits for p in g["params"]})
-                for g in trainer.optimizers[0].param_groups
-            ]
-
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-    module = ImageClassifier(net, 4, lr=0.05, weight_decay=1e-4, logit_lr_scale=10.0)
-    groups = Groups()
-    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 4, 4), torch.randint(4, (16,)))
-    trainer = make_trainer(tmp_path, [BlockPruning("sapp", 0.5, 4, min_blocks=1), groups], max_epochs=1)
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
-    assert groups.groups == [(0.05, 1e-4, {False}), (0.05, 0.0, {False}), (pytest.approx(0.5), 1e-4, {True})]
-
-
 def test_a_global_batch_is_split_over_the_devices_and_a_share_that_does_not_divide_is_refused(tmp_path):
     from sapp_lightning.app.train import pin_global_batch
 
@@ -275,3 +243,75 @@ def test_the_pruning_groups_arguments_are_generated_from_the_sparsifiers_signatu
         "conf/pruning/_sparsifier.yaml is out of date: python -m sapp_lightning.app.configs --write"
     )
     assert main([]) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_a_gpu_recipe_on_a_cpu_machine_names_the_override(tmp_path):
+    with pytest.raises(SystemExit, match="resnet50_imagenet trains on GPUs .* add trainer=cpu"):
+        run(compose_cfg(["recipe=resnet50_imagenet"], tmp_path))
+
+
+# --- the paper's remaining recipes ------------------------------------------------------------------------------------
+# recipe: (what --cfg job prints, the sweep's parameters)
+PAPER_RECIPES = {
+    "imagenet_table3": (
+        ["algorithm: sapp", "plan: imagenet_acdc", "variant: pruning.plan=imagenet_acdc"],
+        {"pruning": "sapp", "pruning.sparsity": "0.7,0.8,0.9,0.95", "pruning.block_size": "8,16,32,64"},
+    ),
+    "imagenet_table4": (
+        ["algorithm: sapp", "sparsity: 0.9", "plan: imagenet", "variant: pruning.schedule_exponent=4.0"],
+        {"pruning": "sapp", "pruning.schedule_exponent": "2,4,8", "pruning.block_size": "8,16,32,64"},
+    ),
+    "imagenet_global_acdc": (
+        ["algorithm: acdc", "sparsity: 0.9", "block_size: 1", "ranking: global", "variant: pruning.ranking=global"],
+        {"seed": 0},
+    ),
+}
+
+
+SMALL = ["data=fashion_mnist", "model=mlp", "model.net.hidden=[64]", "trainer=cpu", "trainer.max_epochs=1"]
+
+
+SMALL += ["+trainer.limit_train_batches=4", "global_batch_size=null", "data.batch_size=16", "data.val_size=20"]
+
+
+SMALL += ["data.num_workers=0", "trainer.precision=32-true", "trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(PAPER_RECIPES))
+def test_the_paper_recipes_compose_with_cfg_job(recipe):
+    out = subprocess.run(
+        [sys.executable, "-m", "sapp_lightning.app.train", f"recipe={recipe}", "--cfg", "job", "--resolve"],
+        capture_output=True, text=True, check=True, cwd=RECIPES_DIR.parent,
+    )  # fmt: skip
+    assert all(line in out.stdout for line in PAPER_RECIPES[recipe][0]), out.stdout
+
+
+@pytest.mark.parametrize("recipe", list(PAPER_RECIPES))
+def test_the_paper_recipes_sweep_the_papers_grid(tmp_path, recipe):
+    sweep = PAPER_RECIPES[recipe][1]
+    cfg = compose_cfg([f"recipe={recipe}"], tmp_path)
+    assert cfg.trainer.max_epochs == 90 and cfg.global_batch_size == 2048  # Table 1's setup underneath
+    assert {k: v for k, v in cfg.hydra.sweeper.params.items() if k != "seed"} == {
+        k: v for k, v in sweep.items() if k != "seed"
+    }
+    assert cfg.hydra.sweep.dir.startswith("runs/") and recipe.split("_", 1)[1] in cfg.hydra.sweep.dir
+
+
+@pytest.mark.parametrize("recipe", list(PAPER_RECIPES))
+def test_the_paper_recipes_run_on_fashion_mnist_with_a_small_override(tmp_path, recipe):
+    data = tmp_path / "fashion"
+    make_fashion_dir(data, n_train=100, n_test=20)
+    cfg = compose_cfg([f"recipe={recipe}", *SMALL, f"data.data_dir={data}", "logger=none"], tmp_path / "out")
+    pruning = build_pruning(cfg.pruning)
+    results = run(cfg)
+    assert results["steps"] == 4 and results["variant"] == cfg.variant
+    assert results["achieved_block_sparsity"] == pytest.approx(0.9, abs=0.01)
+    if recipe == "imagenet_table3":
+        assert (
+            pruning.plan.to_config() == build_pruning(compose_cfg(["pruning=acdc"], tmp_path).pruning).plan.to_config()
+        )
+    if recipe == "imagenet_global_acdc":  # unstructured, one ranking over every pruned weight
+        assert results["block_size"] == 1 and results["pruned_layers"] == ["net.1", "net.3"]
+        assert pruning.sparsifier.ranking == "global"

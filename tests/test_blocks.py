@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from sapp_lightning import BlockPruning
 from sapp_lightning.blocks import BlockLayout, keep_count, normalize_block_size, top_k_mask
 
 
@@ -126,3 +127,9 @@ def test_scale_gradients_match_the_expanded_product(weight_shape, block):
     reference = torch.autograd.grad(weight * layout.expand(per_block), (weight, per_block), grad)
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bad", [0, -2, (4, 0)])
+def test_block_size_below_one(bad):
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        BlockPruning("acdc", sparsity=0.5, block_size=bad)

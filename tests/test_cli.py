@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_plots import METHOD_COLORS, count_color, png_pixels, run_record
-from test_results import record, write_jsonl, write_run
+from helpers import count_color, grid_rows, png_pixels, record, run_record, write_jsonl, write_run
 
 from sapp_lightning.app.cli import results
+from sapp_lightning.app.plots import METHOD_COLORS
 from sapp_lightning.app.results import load_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,8 +69,6 @@ def test_without_matplotlib_the_tables_come_first_then_the_extra_is_named(tmp_pa
 
 
 def test_stores_and_run_folders_draw_into_out(tmp_path, capsys):
-    from test_plots import grid_rows
-
     store = write_jsonl(tmp_path / "images.jsonl", grid_rows())
     run = write_run(tmp_path / "run", run_record("acdc"))
     assert results([str(store), str(run), "--plot", "--out", str(tmp_path / "figs")]) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import PRUNED, TinyNet, assert_same_state, make_trainer, pruning, state_of, tiny_loader
+from helpers import PRUNED, TinyNet, assert_same_state, make_trainer, pruning, state_of, tiny_loader
 from lightning_fabric.plugins.environments.lightning import find_free_network_port
 
 from sapp_lightning import BlockPruning, Phase, keep_count

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import PLAN, STEPS, TinyNet, make_trainer, pruning, tiny_loader
+from helpers import PLAN, STEPS, TinyNet, make_trainer, pruning, tiny_loader
 from PIL import Image
 
 from sapp_lightning import BlockSparsifier

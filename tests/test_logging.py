@@ -7,6 +7,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+# each test starts a fresh interpreter (what importing does to logging, and what shows with no handler configured)
+pytestmark = pytest.mark.slow
+
 PLAIN_LOOP = """
 import torch
 from sapp_lightning import BlockSparsifier

@@ -1,6 +1,7 @@
-"""Every training loop drives the same sparsifier: pytorch_lightning and lightning.pytorch Trainers, Fabric, a plain
-PyTorch loop (torch.amp, gradient accumulation), and manual optimization with several optimizers. In each: exact
-final block counts, the model's own state_dict keys after the commit, and a bit-identical resume (CPU)."""
+"""Every training loop drives the same sparsifier: the lightning.pytorch Trainer (sapp_lightning.lightning), Fabric, a
+plain PyTorch loop (torch.amp, gradient accumulation) and the Hugging Face Trainer (sapp_lightning.huggingface). In
+each: exact final block counts, the model's own state_dict keys after the commit, and a bit-identical resume (CPU).
+The pytorch_lightning callback and manual optimization: test_callback.py."""
 
 from __future__ import annotations
 
@@ -8,49 +9,31 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from conftest import (
+import transformers  # a test dependency ([dev]), never one of sapp_lightning
+from helpers import (
     BLOCK,
+    EXPECTED_KEPT,
+    MODEL_BLOCK,
+    MODEL_PLAN,
+    MODEL_SPARSITY,
     PHASE_STARTS,
     PLAN,
-    PRUNED,
-    STEPS,
+    PhaseStarts,
     TinyNet,
+    assert_exact_blocks,
     assert_same_state,
+    kept_blocks,
     make_trainer,
-    pruning,
     resumable_loader,
     state_of,
+    tiny_bert,
     tiny_loader,
+    tokens,
 )
 
-from sapp_lightning import BlockPruning, BlockSparsifier, block_sparsity, keep_count
+from sapp_lightning import BlockSparsifier
 
-EXPECTED_KEPT = [keep_count(n, 0.5) for n in PRUNED.values()]
-
-
-def kept_blocks(model: torch.nn.Module, prefix: str = "") -> list[int]:
-    report = block_sparsity(model, BLOCK, min_blocks=10)
-    assert [layer.name for layer in report.layers] == [prefix + name for name in PRUNED]
-    return [layer.num_blocks - layer.zero_blocks for layer in report.layers]
-
-
-class PhaseStarts:
-    """A sparsifier listener: the step at which each phase started."""
-
-    def __init__(self, sparsifier: BlockSparsifier):
-        self.steps: list[int] = []
-        sparsifier.add_listener(lambda s, event: self.steps.append(event.step) if event.kind == "phase_start" else None)
-
-
-# --- pytorch_lightning and lightning.pytorch ------------------------------------------------------------------
-def test_pytorch_lightning_trainer(tmp_path):
-    torch.manual_seed(0)
-    model, callback = TinyNet(), pruning("sapp")
-    keys = list(model.state_dict())
-    starts = PhaseStarts(callback.sparsifier)
-    make_trainer(tmp_path, [callback]).fit(model, tiny_loader())
-    assert starts.steps == PHASE_STARTS
-    assert kept_blocks(model) == EXPECTED_KEPT and list(model.state_dict()) == keys
+# --- lightning.pytorch ------------------------------------------------------------------------------------------------
 
 
 def test_lightning_pytorch_trainer_resumes_bit_identically(tmp_path):
@@ -79,10 +62,7 @@ def test_lightning_pytorch_trainer_resumes_bit_identically(tmp_path):
         torch.manual_seed(0)
         model, callback = LitTiny(), LBlockPruning("sapp", sparsity=0.5, block_size=BLOCK, min_blocks=10, plan=PLAN)
         keys = list(model.state_dict())
-        trainer = L.Trainer(
-            max_epochs=10, callbacks=[callback, *callbacks], logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", deterministic=True,
-        )  # fmt: skip
+        trainer = make_trainer(tmp_path, [callback, *callbacks], trainer_class=L.Trainer)
         trainer.fit(model, resumable_loader(), ckpt_path=ckpt_path)
         assert list(model.state_dict()) == keys and kept_blocks(model, "net.") == EXPECTED_KEPT
         return model, callback
@@ -93,7 +73,9 @@ def test_lightning_pytorch_trainer_resumes_bit_identically(tmp_path):
     assert_same_state(state_of(resumed), state_of(full))
 
 
-# --- Lightning Fabric ------------------------------------------------------------------------------------------
+# --- Lightning Fabric -------------------------------------------------------------------------------------------------
+
+
 def fabric_run(tmp_path, stop_at: int | None = None, resume: bool = False):
     """The README's Fabric loop; ``stop_at`` saves a checkpoint there and returns, ``resume`` continues from it."""
     from lightning_fabric import Fabric
@@ -135,7 +117,9 @@ def test_fabric_loop_resumes_bit_identically(tmp_path):
     assert_same_state(state_of(resumed), state_of(full))
 
 
-# --- a plain PyTorch loop: torch.amp and gradient accumulation --------------------------------------------------
+# --- a plain PyTorch loop: torch.amp and gradient accumulation --------------------------------------------------------
+
+
 def plain_run(tmp_path, stop_at: int | None = None, resume: bool = False, accumulate: int = 2):
     """The README's plain loop: bf16 autocast, a GradScaler, ``accumulate`` batches per optimizer step."""
     torch.manual_seed(0)
@@ -189,108 +173,26 @@ def test_plain_loop_with_amp_and_accumulation_resumes_bit_identically(tmp_path):
     assert_same_state(state_of(resumed), state_of(full))
 
 
-# --- training progress in one unit -----------------------------------------------------------------------------
-class TwoOptimizers(TinyNet):
-    """Manual optimization, GAN-style: each batch steps one optimizer for conv + fc1 and one for fc2
-    (``every`` > 1: the batch steps them only every ``every``-th batch, accumulating in between)."""
-
-    def __init__(self, every: int = 1):
-        super().__init__()
-        self.automatic_optimization = False
-        self.every = every
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        first, second = self.optimizers()
-        self.manual_backward(F.cross_entropy(self(x), y))
-        if (batch_idx + 1) % self.every == 0:
-            for optimizer in (first, second):
-                optimizer.step()
-                optimizer.zero_grad()
-
-    def configure_optimizers(self):
-        body = list(self.conv.parameters()) + list(self.fc1.parameters())
-        return torch.optim.SGD(body, lr=0.05), torch.optim.SGD(self.fc2.parameters(), lr=0.05)
+# --- the Hugging Face Trainer -----------------------------------------------------------------------------------------
 
 
-def test_manual_optimization_with_two_optimizers_follows_the_plan_in_batches(tmp_path):
-    callback = pruning("sapp")
-    starts = PhaseStarts(callback.sparsifier)
-    trainer = make_trainer(tmp_path, [callback])
-    trainer.fit(TwoOptimizers(), tiny_loader())
-    assert trainer.global_step == 2 * STEPS  # Lightning counts each optimizer's step
-    assert starts.steps == PHASE_STARTS  # the plan counts batches that step the optimizers
-    assert callback.sparsifier.steps_done == STEPS
+@pytest.mark.slow
+def test_hugging_face_trainer_fine_tunes_a_tiny_bert_to_the_target_sparsity(tmp_path):
+    from sapp_lightning.huggingface import BlockPruningCallback
 
-
-def test_manual_optimization_with_max_steps_and_two_optimizers_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"training ends after 40 batches while the phase plan was laid over 80.*"):
-        make_trainer(tmp_path, [pruning("sapp")], max_epochs=None, max_steps=80).fit(TwoOptimizers(), tiny_loader())
-
-
-def test_manual_accumulation_is_refused_after_the_first_epoch_and_total_steps_fixes_it(tmp_path):
-    with pytest.raises(ValueError, match=r"only 4 of the 8 batches of epoch 0 stepped.*total_steps=\.\.\.\).*about 40"):
-        make_trainer(tmp_path, [pruning("sapp")]).fit(TwoOptimizers(every=2), tiny_loader())
-    callback = pruning("sapp", total_steps=40)
-    starts = PhaseStarts(callback.sparsifier)
-    make_trainer(tmp_path, [callback]).fit(TwoOptimizers(every=2), tiny_loader())
-    assert starts.steps == [step // 2 for step in PHASE_STARTS]
-
-
-@pytest.mark.parametrize("limit", [dict(accumulate_grad_batches=2), dict(max_epochs=None, max_steps=40)])
-def test_accumulation_and_max_steps_lay_the_plan_over_the_optimizer_steps(tmp_path, limit):
-    callback = pruning("acdc")
-    starts = PhaseStarts(callback.sparsifier)
-    make_trainer(tmp_path, [callback], **limit).fit(TinyNet(), tiny_loader())
-    assert callback.schedule.total_steps == 40
-    assert starts.steps == [step // 2 for step in PHASE_STARTS]
-
-
-def test_an_algorithm_object_carries_its_knobs_and_equals_the_named_form(tmp_path):
-    from sapp_lightning.algorithms import SequentialAttentionPP
-
-    def fit(callback):
-        torch.manual_seed(0)
-        model = TinyNet()
-        make_trainer(tmp_path, [callback], max_epochs=4).fit(model, tiny_loader())
-        return state_of(model)
-
-    algorithm = SequentialAttentionPP(attention_clipping=False, logit_l2=0.05)
-    by_object = BlockPruning(algorithm, sparsity=0.5, block_size=BLOCK, min_blocks=10, plan=PLAN)
-    by_name = pruning("sapp", attention_clipping=False, logit_l2=0.05)
-    assert by_object.algorithm is not algorithm and by_object.config() == by_name.config()
-    assert_same_state(fit(by_object), fit(by_name))
-    assert algorithm.effective_logit_l2 == 0.0  # the user's object stays unattached
-
-
-def test_listeners_hear_every_phase_and_see_masks_and_attention(tmp_path):
-    callback = pruning("sapp")
-    heard = []
-
-    def listen(sparsifier, event):
-        states = sparsifier.layer_states()
-        heard.append((event.kind, event.step, event.segment_index, [s.num_kept for s in states]))
-        assert [s.name for s in states] == list(PRUNED) and all(s.importance_name == "attention" for s in states)
-        for state, layer in zip(states, sparsifier.layers):
-            assert torch.equal(state.mask, layer.mask) and state.importance.shape == layer.layout.grid_shape
-
-    callback.sparsifier.add_listener(listen)
-    make_trainer(tmp_path, [callback]).fit(TinyNet(), tiny_loader())
-    kinds = [(kind, step, index) for kind, step, index, _ in heard]
-    ends = [("phase_end", step, index) for index, step in enumerate(PHASE_STARTS[1:])]
-    starts = [("phase_start", step, index) for index, step in enumerate(PHASE_STARTS)]
-    assert kinds == [starts[0], *[x for pair in zip(ends, starts[1:]) for x in pair], ("commit", STEPS, 4)]
-    assert heard[-1][3] == EXPECTED_KEPT  # the final masks, before the commit folds them in
-    assert heard[2][3] == list(PRUNED.values())  # phase 1 (sparsify) starts from all blocks
-
-
-def test_the_callback_drives_a_sparsifier_it_is_given_and_reads_through_to_it(tmp_path):
-    sparsifier = BlockSparsifier("acdc", sparsity=0.5, block_size=BLOCK, min_blocks=10, plan=PLAN)
-    callback = BlockPruning(sparsifier, total_steps=STEPS)
-    assert callback.sparsifier is sparsifier
-    trainer = make_trainer(tmp_path, [callback])
     torch.manual_seed(0)
-    trainer.fit(TinyNet(), tiny_loader())
-    assert callback.report().zero_blocks == sparsifier.report().zero_blocks == sum(PRUNED.values()) // 2
-    assert (callback.layers, callback.plan, callback.phase) == (sparsifier.layers, sparsifier.plan, sparsifier.phase)
-    assert "achieved_sparsity" in dir(callback)
+    model = tiny_bert()
+    keys = list(model.state_dict())
+    data = [{"input_ids": tokens()[i % 4], "labels": torch.tensor(i % 2)} for i in range(96)]
+    args = transformers.TrainingArguments(
+        str(tmp_path), max_steps=36, per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-3,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_strategy="no",
+    )  # fmt: skip
+    pruning = BlockPruningCallback("sapp", MODEL_SPARSITY, MODEL_BLOCK, min_blocks=4, plan=MODEL_PLAN)
+    starts = []
+    pruning.sparsifier.add_listener(lambda s, e: starts.append(e.step) if e.kind == "phase_start" else None)
+    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[pruning]).train()
+    assert starts == [0, 9, 18]  # 36 optimizer steps (after accumulation): the plan's 25% / 25% / 50%
+    assert_exact_blocks(pruning.sparsifier, MODEL_SPARSITY)
+    assert list(model.state_dict()) == keys
+    assert pruning.sparsifier.report().block_sparsity == pytest.approx(MODEL_SPARSITY, abs=0.02)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,11 +26,13 @@ def imported_after(setup: str, code: str) -> list[str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_the_core_imports_torch_alone():
     added = imported_after("import torch", "import sapp_lightning; from sapp_lightning import BlockSparsifier")
     assert not [m for m in added if m in APP_ONLY or m in ("pytorch_lightning", "lightning", "lightning_fabric")]
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_the_callback_report_and_export_import_nothing_of_the_app():
     # Lightning's own torchmetrics imports torchvision and matplotlib when they are installed: not ours to count
     added = imported_after(

@@ -1,5 +1,6 @@
-"""Figures: the sparsity curve from a run's pruning record (results.json), the comparison and score-difference
-figures from the runs' summaries, and what the end-of-run hook sends to W&B."""
+"""Figures (sapp_lightning/app/plots.py): the sparsity curve from a run's pruning record (results.json), the comparison
+and score-difference figures from the runs' summaries, training accuracy over steps from the runs' CSV logs
+(``sapp-results --train-acc``, the paper's Fig. 3), and what the end-of-run hook sends to W&B."""
 
 from __future__ import annotations
 
@@ -9,26 +10,39 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from test_results import record, score_rows, write_jsonl, write_run
+from helpers import (
+    TinyNet,
+    compose_cfg,
+    count_color,
+    grid_rows,
+    make_trainer,
+    png_pixels,
+    record,
+    run_record,
+    score_rows,
+    tiny_loader,
+    write_jsonl,
+    write_run,
+)
 
-from sapp_lightning import BlockSparsifier
 from sapp_lightning.app import plots
+from sapp_lightning.app.cli import results
 from sapp_lightning.app.history import PruningHistory
 from sapp_lightning.app.paper import paper_value
 from sapp_lightning.app.plots import (
     METHOD_COLORS,
     PHASE_COLORS,
+    find_metrics_csv,
     phase_line,
+    read_train_accuracy,
     result_figure,
     series,
     sparsity_curve_figure,
+    train_accuracy_figure,
 )
 from sapp_lightning.app.results import load_runs, score_differences, to_frame
-
-# A plan of 100 steps: dense, sparsify (to 90%), sparse, dense, sparse.
-PLAN = [("dense", 0.2), ("sparsify", 0.2), ("sparse", 0.2), ("dense", 0.2), ("sparse", 0.2)]
-BANDS = [("dense", 0, 20), ("sparsify", 20, 40), ("sparse", 40, 60), ("dense", 60, 80), ("sparse", 80, 100)]
+from sapp_lightning.app.synthetic import make_fashion_dir
+from sapp_lightning.app.train import run
 
 
 @pytest.fixture
@@ -36,63 +50,7 @@ def mpl():
     return pytest.importorskip("matplotlib")
 
 
-def pruning_record(algorithm: str = "sapp", every: int = 5, total: int = 100) -> dict:
-    """What :class:`PruningHistory` records of a sparsifier driven through ``PLAN`` (two 32x32 layers, 4x4 blocks),
-    sampled after every ``every``-th step as the Lightning hook does."""
-    sparsifier = BlockSparsifier(algorithm, 0.9, 4, min_blocks=1, plan=PLAN)
-    history = PruningHistory(sparsifier, every_n_steps=every)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32))
-    sparsifier.prepare(model)
-    sparsifier.attach([torch.optim.SGD(model.parameters(), lr=0.1)])  # no training: the masks follow the plan
-    sparsifier.start(total_steps=total)
-    for step in range(1, total + 1):
-        sparsifier.step()
-        if step % every == 0:
-            history.sample()
-    sparsifier.commit()
-    return history.to_dict()
-
-
-def run_record(algorithm: str = "sapp", **kwargs) -> dict:
-    """A pruned run's results.json with its pruning record."""
-    return record(algorithm, 0.9, 4, 0, 0.8) | {"pruning": pruning_record(algorithm, **kwargs)}
-
-
-def png_pixels(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def rgb(color: str) -> np.ndarray:
-    return np.array([int(color[i : i + 2], 16) for i in (1, 3, 5)])
-
-
-def count_color(pixels: np.ndarray, color: str, tolerance: int = 0) -> int:
-    return int((np.abs(pixels.astype(int) - rgb(color)).max(axis=-1) <= tolerance).sum())
-
-
 # --- the sparsity curve (Fig. 2(b)) ---------------------------------------------------------------------------------
-def test_the_record_has_the_exact_phases_and_the_line_is_flat_between_its_jumps():
-    pruning = pruning_record()
-    assert [(p["phase"], p["start"], p["end"]) for p in pruning["phases"]] == BANDS
-    xs, ys = phase_line(pruning, pruning["curve"]["achieved"])
-    assert xs == [0, 20, 25, 30, 35, 40, 60, 60, 80, 80, 100]  # jumps exactly at the boundaries 60 and 80
-    final = pruning["curve"]["achieved"][-1]
-    assert final == pytest.approx(0.9, abs=0.02)
-    assert ys[:2] == [0.0, 0.0] and ys[5:7] == [final, final] and ys[7:9] == [0.0, 0.0] and ys[9:] == [final, final]
-    ramp = ys[1:6]  # the sparsification phase: through its points, from 0 up to the sparse phase's value
-    assert ramp[0] == 0.0 and all(a < b for a, b in zip(ramp, ramp[1:])) and ramp[-1] == final
-    tx, ty = phase_line(pruning, pruning["curve"]["target"])
-    assert tx == xs and ty[5] == pytest.approx(0.9)  # the plan reaches the target as the phase ends
-
-
-def test_a_phase_shorter_than_the_logging_interval_still_gets_its_band_and_the_plans_value():
-    pruning = pruning_record(every=50)  # sampled at 50 and 100, and at every phase start
-    assert [(p["phase"], p["start"], p["end"]) for p in pruning["phases"]] == BANDS
-    tx, ty = phase_line(pruning, pruning["curve"]["target"])
-    assert list(zip(tx, ty))[-4:] == [(60, 0.0), (80, 0.0), (80, pytest.approx(0.9)), (100, pytest.approx(0.9))]
 
 
 def test_sparsity_curve_png_shows_the_phase_bands_the_methods_colour_and_each_layer(tmp_path, mpl):
@@ -179,7 +137,6 @@ def test_end_of_run_hook_draws_from_the_record_with_any_logger_and_sends_wandb_t
 def test_a_real_fit_with_offline_wandb_gets_a_curve_that_wandb_stores_as_drawn(tmp_path, monkeypatch, mpl):
     """After a real fit: the record's phases are the plan's, and the image W&B writes to its run folder is the
     PNG in the run folder, pixel for pixel (not the all-black PNG a float tensor would give)."""
-    from conftest import TinyNet, make_trainer, tiny_loader
     from pytorch_lightning.loggers import WandbLogger
 
     from sapp_lightning import BlockPruning
@@ -212,17 +169,6 @@ def test_a_real_fit_with_offline_wandb_gets_a_curve_that_wandb_stores_as_drawn(t
 
 
 # --- comparison figures (Fig. 4 and 5) ------------------------------------------------------------------------------
-def grid_rows() -> list[dict]:
-    """Dense, two methods x two sparsities x two blocks x three seeds, and a variant run to be left out."""
-    rows = [record("dense", 0.0, 0, s, 0.88 + s / 100) | {"key": f"dense/{s}"} for s in range(3)]
-    for block in (8, 16):
-        for sparsity in (0.7, 0.9):
-            for method, base in (("acdc", 80.0), ("sapp", 82.0)):
-                for s in range(3):
-                    acc = (base - 10 * sparsity - block / 8 + s) / 100
-                    rows.append(record(method, sparsity, block, s, acc) | {"key": f"{method}/{sparsity}/{block}/{s}"})
-    rows.append(rows[-1] | {"key": "ablation", "variant": "pruning.schedule_exponent=2", "val": {"val/acc": 0.0}})
-    return rows
 
 
 def test_series_averages_seeds_and_keeps_min_max():
@@ -354,3 +300,51 @@ def test_plot_sources_draws_a_sweeps_curves_and_comparison_and_with_out_names_ea
     written = plots.plot_sources([tmp_path / "sweep" / "1", tmp_path / "sweep" / "2"], tmp_path / "docs")
     assert written == [tmp_path / "docs" / "sparsity_curve_sapp.png", tmp_path / "docs" / "sparsity_curve_acdc.png"]
     json.loads((tmp_path / "sweep" / "1" / "results.json").read_text())  # left as it was
+
+
+# --- training accuracy over steps (Fig. 3) ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """ACDC and SA++ at 90% on generated Fashion-MNIST, 2 epochs, train/acc logged at every step (CSV)."""
+    root = tmp_path_factory.mktemp("fig3")
+    make_fashion_dir(root / "fashion", n_train=200, n_test=20)
+    overrides = ["recipe=fashion_mnist_demo", "model.net.hidden=[64]", "trainer.max_epochs=2", "data.batch_size=16"]
+    overrides += ["data.val_size=40", "trainer.log_every_n_steps=1", "test=false", "~callbacks.mask_heatmaps"]
+    overrides += ["trainer.enable_progress_bar=false", f"data.data_dir={root / 'fashion'}"]
+    for algorithm in ("acdc", "sapp"):
+        run(compose_cfg([*overrides, f"pruning={algorithm}"], root / "sweep" / algorithm))
+    return root / "sweep"
+
+
+@pytest.mark.slow
+def test_train_accuracy_of_two_runs_is_overlaid_in_one_figure(two_runs, tmp_path):
+    accuracy = read_train_accuracy(two_runs / "sapp")
+    assert accuracy.index.tolist() == list(range(20)) and accuracy.between(0.0, 1.0).all()
+    fig = train_accuracy_figure([two_runs])  # a sweep folder: each of its runs
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert labels == ["ACDC 90% 16x16 seed 0", "SA++ 90% 16x16 seed 0"]
+    out = tmp_path / "train_acc.png"
+    assert results([str(two_runs / "acdc"), str(two_runs / "sapp"), "--train-acc", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+
+
+def test_a_log_without_train_accuracy_is_named(tmp_path, capsys):
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("epoch,step,train/loss\n0,9,0.5\n")
+    with pytest.raises(ValueError, match=r"metrics.csv logs no train/acc: the image classifier logs it"):
+        read_train_accuracy(csv)
+    assert results([str(csv), "--train-acc", str(tmp_path / "out.png")]) == 1  # a bare log: the figure only
+    assert "logs no train/acc" in capsys.readouterr().err
+
+
+def test_a_run_folder_resolves_to_its_newest_csv_version_and_several_runs_are_refused(tmp_path):
+    for version in (0, 1):
+        (tmp_path / "run" / "csv" / f"version_{version}").mkdir(parents=True)
+        (tmp_path / "run" / "csv" / f"version_{version}" / "metrics.csv").write_text("step,train/acc\n0,0.5\n")
+    assert find_metrics_csv(tmp_path / "run") == tmp_path / "run" / "csv" / "version_1" / "metrics.csv"
+    (tmp_path / "other" / "csv" / "version_0").mkdir(parents=True)
+    (tmp_path / "other" / "csv" / "version_0" / "metrics.csv").write_text("step,train/acc\n0,0.5\n")
+    with pytest.raises(ValueError, match="several runs' logs below"):
+        find_metrics_csv(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no metrics.csv below .*logger=csv"):
+        find_metrics_csv(tmp_path / "run" / "nothing")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import record, score_rows, write_jsonl, write_run
 
 from sapp_lightning.app.paper import paper_value
 from sapp_lightning.app.results import (
@@ -25,34 +26,6 @@ from sapp_lightning.app.results import (
 )
 
 STORES = Path(__file__).resolve().parents[1] / "bench" / "results"
-
-
-def record(algorithm: str, sparsity: float, block: int, seed: int, value: float, **extra) -> dict:
-    """A run's results.json as ``sapp_lightning.app.train.run`` writes it (``value``: top-1 or, for CTR, BCE)."""
-    task = extra.pop("task", "classification")
-    val = {"val/acc": value, "val/loss": 1 - value} if task == "classification" else {"val/loss": value}
-    dense = algorithm in ("dense", "none")
-    return {
-        "name": "demo", "algorithm": algorithm, "sparsity": sparsity, "block_size": block, "seed": seed,
-        "data": "FashionMNISTDataModule", "model": "MLP", "task": task, "val": val | extra.pop("val", {}),
-        "test": {k.replace("val/", "test/"): v for k, v in val.items()}, "achieved_block_sparsity": sparsity,
-        "achieved_weight_sparsity": sparsity, "pruned_layers": [] if dense else ["net.1"], "fit_seconds": 1.0,
-        "steps": 100, "epochs": 2,
-    } | extra  # fmt: skip
-
-
-def write_run(folder: Path, row: dict, overrides: list[str] | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps(row))
-    if overrides is not None:  # what Hydra records of a sweep's job
-        (folder / ".hydra").mkdir()
-        (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    return folder
-
-
-def write_jsonl(path: Path, rows: list[dict], torn: bool = True) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + ('{"key": "torn", "algo' if torn else ""))
-    return path
 
 
 def cells(table: str, *first: str) -> list[str]:
@@ -222,23 +195,6 @@ def test_variants_get_a_table_beside_the_plain_sapp_and_acdc_runs_of_their_cells
     assert "Magnitude" not in variants and "80%" not in variants  # only SA++ and ACDC, only the variants' cells
 
 
-def score_rows() -> list[dict]:
-    """SA++ on two models with attention (plain or explicit) and magnitude scores; one unpaired run, one ACDC run."""
-    rows = []
-    for model, blocks in (("MLP", (8, 16)), ("SmallCNN", (16,))):
-        for block in blocks:
-            for sparsity in (0.8, 0.9):
-                for seed in range(3):
-                    attention = "" if model == "MLP" else "pruning.score=attention"
-                    for variant, acc in ((attention, 0.80 + 0.01 * seed), ("pruning.score=magnitude", 0.79)):
-                        cell = dict(model=model, block_size=block, sparsity=sparsity, seed=seed, variant=variant)
-                        key = f"{model}{block}{sparsity}{seed}{variant}"
-                        rows.append(dict(cell, key=key, algorithm="sapp", val={"val/acc": acc + block / 1000}))
-    rows.append(dict(rows[0], key="unpaired", seed=7))
-    rows.append(dict(rows[0], key="acdc", algorithm="acdc", variant="", val={"val/acc": 0.1}))
-    return rows
-
-
 def test_score_differences_pair_attention_and_magnitude_runs_seed_by_seed():
     differences = score_differences(to_frame(score_rows()))
     assert sorted(differences["model"].unique()) == ["MLP", "SmallCNN"]
@@ -252,6 +208,19 @@ def test_score_differences_pair_attention_and_magnitude_runs_seed_by_seed():
     assert cells(table, "80%") == ["+2.00 ± 1.00 [+1.00, +3.00] (n=3)", "+2.00 ± 1.00 [+1.00, +3.00] (n=3)"]
     assert score_table(to_frame(score_rows()[-1:])) == "" and "Fig. 2(a)" not in report(to_frame(score_rows()[-1:]))
     assert "SA++ with attention minus magnitude scores (Fig. 2(a)), validation top-1" in report(to_frame(score_rows()))
+
+
+def test_a_variant_gets_rows_of_its_own_in_the_results_table():
+    rows = [
+        {"algorithm": "sapp", "sparsity": 0.9, "block_size": 16, "seed": 0, "task": "classification",
+         "variant": f"pruning.schedule_exponent={c}", "val": {"val/acc": acc}, "test": {},
+         "achieved_block_sparsity": 0.9, "fit_seconds": 1.0}
+        for c, acc in ((2.0, 0.69), (8.0, 0.70))
+    ]  # fmt: skip
+    assert [(s["variant"], s["n"]) for s in summarize(to_frame(rows)).to_dict("records")] == [
+        ("pruning.schedule_exponent=2.0", 1),
+        ("pruning.schedule_exponent=8.0", 1),
+    ]
 
 
 # --- the committed stores -------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 import math
+import re
 
 import pytest
+from helpers import BLOCK
 
+from sapp_lightning import BlockPruning
 from sapp_lightning.schedules import Phase, PhasePlan, exponential_sparsity
 
 
@@ -221,3 +224,13 @@ def test_an_unknown_ramp_is_rejected():
 
     with pytest.raises(ValueError, match="ramp must be one of 'exponential', 'cubic'"):
         Ramp("linear")
+
+
+def test_a_callbacks_plan_that_does_not_cover_training_is_rejected():
+    with pytest.raises(ValueError, match="must cover training exactly"):
+        BlockPruning("acdc", sparsity=0.5, block_size=4, plan=[("dense", 0.5), ("sparse", 0.3)])
+
+
+def test_bad_schedule_exponent():
+    with pytest.raises(ValueError, match=re.escape("schedule_exponent must be > 0")):
+        BlockPruning("sapp", 0.5, BLOCK, schedule_exponent=0)

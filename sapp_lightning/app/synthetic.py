@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gzip
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +45,33 @@ def make_fashion_dir(folder: Path, n_train: int = 40, n_test: int = 10, seed: in
     return arrays
 
 
-def make_imagefolder(root: Path, classes: int = 3, per_class: int = 4, size: int = 40) -> Path:
+def make_imagefolder(
+    root: Path,
+    classes: int | Sequence[str] = 3,
+    per_class: int = 4,
+    size: int = 40,
+    *,
+    splits: Sequence[str] = ("train", "val"),
+    mixed: bool = False,
+) -> Path:
+    """ImageNet's layout, ``root/<split>/<class>/<image>``, with ``per_class`` random RGB images of ``size x size``.
+
+    ``classes``: how many (``n00000000``, ``n00000001``, ...) or their folder names. ``mixed``: image ``i`` is
+    ``size - 8 + 4 i`` pixels high and every other one a PNG, as a folder gathered from elsewhere has them."""
     from PIL import Image
 
+    names = [f"n{c:08d}" for c in range(classes)] if isinstance(classes, int) else list(classes)
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in range(classes):
-            folder = root / split / f"n{c:08d}"
+    for split in splits:
+        for name in names:
+            folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"img{i}.JPEG", format="JPEG")
+                pixels = rng.integers(0, 256, (size - 8 + 4 * i if mixed else size, size, 3), dtype=np.uint8)
+                if mixed and i % 2:
+                    Image.fromarray(pixels).save(folder / f"img{i}.png", format="PNG")
+                else:
+                    Image.fromarray(pixels).save(folder / f"img{i}.JPEG", format="JPEG")
     return root
 
 

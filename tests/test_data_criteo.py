@@ -1,4 +1,4 @@
-"""Criteo reader, cache, DLRM split, sampler and DataModule (the sapp_lightning/data/criteo package)."""
+"""Criteo reader, cache, DLRM split, sampler and DataModule (the sapp_lightning/app/data/criteo package)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch import nn
+from helpers import TinyCTR, make_trainer
 from torch.utils.data import DistributedSampler
 
 from sapp_lightning.app.data import criteo
@@ -494,44 +494,11 @@ def test_rows_dataset_single_item_and_pickling(tmp_path):
 # ------------------------------------------------------------------------------------------- Trainer
 
 
-class TinyCTR(pl.LightningModule):
-    def __init__(self, cardinalities: list[int]):
-        super().__init__()
-        self.embeddings = nn.ModuleList(nn.Embedding(c, 2) for c in cardinalities)
-        self.head = nn.Linear(13 + 2 * len(cardinalities), 1)
-        self.seen: list[torch.Tensor] = []
-
-    def forward(self, dense, cats):
-        embedded = [e(cats[:, i]) for i, e in enumerate(self.embeddings)]
-        return self.head(torch.cat([dense, *embedded], dim=1)).squeeze(1)
-
-    def training_step(self, batch, _):
-        dense, cats, label = batch
-        self.seen.append(dense[:, 0].clone())
-        return nn.functional.binary_cross_entropy_with_logits(self(dense, cats), label)
-
-    def validation_step(self, batch, _):
-        dense, cats, label = batch
-        self.log("val_loss", nn.functional.binary_cross_entropy_with_logits(self(dense, cats), label))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def fit_once(tmp_path, num_workers: int = 0) -> torch.Tensor:
     pl.seed_everything(3, verbose=False)
     dm = dm_for(tmp_path / "train.txt", tmp_path, table_size=50, batch_size=64, num_workers=num_workers)
     model = TinyCTR(dm.cardinalities)
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = make_trainer(tmp_path, max_epochs=2, devices=1)
     trainer.fit(model, dm)
     assert trainer.num_training_batches == 5  # 300 train rows / 64
     assert "val_loss" in trainer.callback_metrics

@@ -1,4 +1,5 @@
-"""Mid-epoch resumable loaders (sapp_lightning/data/base.py) for all four data modules, alone and under Trainer.fit.
+"""Mid-epoch resumable loaders (sapp_lightning/app/data/base.py) for all four data modules, alone and under
+Trainer.fit.
 
 The property checked everywhere: consume k batches, take ``state_dict()``, build a fresh data module and loader (as
 a new process would), ``load_state_dict``, and the remaining batches, through the next epoch, equal those of an
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import make_trainer
+from helpers import TinyCTR, make_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -227,22 +228,6 @@ def test_empty_and_tiny_samplers():
 # ------------------------------------------------------------------------------------------- Trainer.fit
 
 
-class TinyCTR(pl.LightningModule):
-    def __init__(self, num_dense: int, cardinalities: list[int]) -> None:
-        super().__init__()
-        self.embeddings = nn.ModuleList(nn.Embedding(c, 2) for c in cardinalities)
-        self.head = nn.Linear(num_dense + 2 * len(cardinalities), 1)
-
-    def training_step(self, batch, _):
-        dense, cats, label = batch
-        embedded = [e(cats[:, i]) for i, e in enumerate(self.embeddings)]
-        logits = self.head(torch.cat([dense, *embedded], dim=1)).squeeze(1)
-        return nn.functional.binary_cross_entropy_with_logits(logits, label)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-
-
 class TinyImages(pl.LightningModule):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__()
@@ -260,7 +245,7 @@ def fit(make, root: Path, ckpt_dir: Path, ckpt_path: Path | None = None, **data)
     pl.seed_everything(7, verbose=False)
     dm = make(root / "data", **data)
     if isinstance(dm, CriteoDataModule):
-        model: pl.LightningModule = TinyCTR(dm.num_dense, dm.cardinalities)
+        model: pl.LightningModule = TinyCTR(dm.cardinalities, dm.num_dense, momentum=0.9)
     else:
         model = TinyImages(dm.input_shape, dm.num_classes)
     checkpoints = [
@@ -310,7 +295,7 @@ class RowRecorder(TinyCTR):
     """Saves, per rank, the Criteo row ids (I1, I2 written by ``row_tsv``) of every training batch and the loader."""
 
     def __init__(self, cardinalities: list[int], out: Path) -> None:
-        super().__init__(13, cardinalities)
+        super().__init__(cardinalities, momentum=0.9)
         self.out, self.rows = out, []
 
     def training_step(self, batch, index):

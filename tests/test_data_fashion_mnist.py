@@ -1,4 +1,5 @@
-"""Fashion-MNIST and ImageNet data modules: real files where installed, generated tiny files otherwise."""
+"""The Fashion-MNIST data module (sapp_lightning/app/data/fashion_mnist.py): the real files where installed (Debian's
+package, a download), generated tiny files otherwise; corrupt files and missing data named."""
 
 from __future__ import annotations
 
@@ -9,15 +10,12 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from PIL import Image
+from helpers import make_trainer
 from torch.utils.data import DataLoader, DistributedSampler
 
 from sapp_lightning.app.data import fashion_mnist
 from sapp_lightning.app.data.fashion_mnist import MEAN, STD, FashionMNISTDataModule, collate_batch
-from sapp_lightning.app.data.imagenet import ImageNetDataModule
 from sapp_lightning.app.synthetic import make_fashion_dir, write_idx
-
-# ----------------------------------------------------------------------------------------------- Fashion-MNIST
 
 
 @pytest.fixture
@@ -101,17 +99,7 @@ def test_loader_works_with_a_distributed_sampler_and_trainer(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    trainer = pl.Trainer(
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-    )
+    trainer = make_trainer(tmp_path, max_epochs=None, max_steps=3, limit_val_batches=1)
     trainer.fit(Linear(), dm)
     assert trainer.global_step == 3
 
@@ -188,58 +176,3 @@ def test_fashion_mnist_argument_errors(tmp_path):
         FashionMNISTDataModule(data_dir=str(tmp_path), val_size=40, download=False).setup()
     with pytest.raises(RuntimeError, match="call setup"):
         FashionMNISTDataModule(data_dir=str(tmp_path)).train_dataloader()
-
-
-# ---------------------------------------------------------------------------------------------------- ImageNet
-
-CLASSES = ("n01", "n02", "n03")
-
-
-def make_image_folder(root: Path, classes=CLASSES, per_class: int = 4, seed: int = 0) -> None:
-    """``root/<class>/<i>.{png,jpg}``: small random RGB images of varying sizes."""
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 256, (24 + 4 * i, 32, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / c / f"{i}.{'png' if i % 2 else 'jpg'}")
-
-
-@pytest.fixture
-def imagenet_root(tmp_path) -> Path:
-    make_image_folder(tmp_path / "imagenet" / "train", per_class=4)
-    make_image_folder(tmp_path / "imagenet" / "val", per_class=2)
-    return tmp_path / "imagenet"
-
-
-def test_imagenet_batches(imagenet_root):
-    dm = ImageNetDataModule(str(imagenet_root), batch_size=4, num_workers=0, image_size=16, val_resize=20)
-    assert dm.num_classes == 3 and dm.classes == list(CLASSES)  # known before setup
-    dm.setup("fit")
-    assert (len(dm.datasets["train"]), len(dm.datasets["val"])) == (12, 6)
-    images, labels = next(iter(dm.train_dataloader()))
-    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32
-    assert labels.dtype == torch.int64 and labels.max() < 3
-    val_images, val_labels = next(iter(dm.val_dataloader()))
-    assert val_images.shape == (4, 3, 16, 16) and val_labels.tolist() == [0, 0, 1, 1]  # unshuffled
-    assert dm.test_dataloader().dataset is dm.datasets["val"]  # no public test labels
-
-
-def test_imagenet_missing_folders(tmp_path, imagenet_root):
-    with pytest.raises(FileNotFoundError, match=r"does not exist; expected layout: root/train/<class>"):
-        ImageNetDataModule(str(tmp_path / "nowhere"))
-    (imagenet_root / "val").rename(imagenet_root / "validation")
-    with pytest.raises(FileNotFoundError, match="has no 'val' sub-folder"):
-        ImageNetDataModule(str(imagenet_root))
-
-
-def test_imagenet_class_mismatch(tmp_path):
-    make_image_folder(tmp_path / "train", per_class=1)
-    make_image_folder(tmp_path / "val", classes=("n01", "n02", "n04"), per_class=1)
-    with pytest.raises(ValueError, match=r"class folders differ .* only in train \['n03'\], only in val \['n04'\]"):
-        ImageNetDataModule(str(tmp_path))
-
-
-def test_imagenet_crop_larger_than_resize(imagenet_root):
-    with pytest.raises(ValueError, match="val_resize .* must be >= image_size"):
-        ImageNetDataModule(str(imagenet_root), image_size=224, val_resize=128)

@@ -1,5 +1,5 @@
-"""The paper's real sparsity (SAPP_SPEC section 2.4) on ResNet50: which layers the 100-block rule prunes at 16x16
-and 64x64, and the real sparsity that implies."""
+"""real_sparsity (report.py): the paper's real sparsity (SAPP_SPEC section 2.4) on ResNet50, which layers the
+100-block rule prunes at 16x16 and 64x64, and the real sparsity that implies."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The forward parametrizations (BlockReparam, BlockAttention, BlockPowerProp): gradients, zero blocks, every shape,
-half precision, and the exact identity of an all-ones mask."""
+"""Block PowerPropagation (algorithms/powerprop.py): the norm-scaled forward and its hand-written backward
+(gradients, zero blocks, every shape, half precision), the user's init kept, alpha, and the all-zero weights it
+leaves dense (a zero block never moves under PowerPropagation)."""
 
 from __future__ import annotations
 
@@ -7,23 +8,59 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from conftest import TinyNet, make_trainer, tiny_loader
+from helpers import (
+    PRUNED,
+    REPARAM_SHAPES,
+    TinyNet,
+    drive,
+    loop_sparsifier,
+    make_trainer,
+    paper_pruning,
+    tiny_loader,
+    zero_blocks_,
+)
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sapp_lightning import BlockPruning
-from sapp_lightning.algorithms.base import BlockReparam
+from sapp_lightning import BlockPruning, BlockSparsifier, keep_count
 from sapp_lightning.algorithms.powerprop import BlockPowerProp
-from sapp_lightning.algorithms.sapp import BlockAttention
 from sapp_lightning.blocks import BlockLayout
 
-SHAPES = {
-    "linear": ((12, 8), (4, 4)),  # tiles: the block view
-    "ragged": ((10, 7), (4, 4)),  # kernel 7 x 10: edge blocks of 3 rows and 2 columns
-    "conv": ((6, 8, 3, 3), (4, 3)),  # 4 | cin: the conv block view
-    "conv-ragged": ((6, 5, 3, 3), (4, 4)),  # 4 does not divide cin = 5: blocks span taps, padded copy
-    "conv-1x1": ((6, 8, 1, 1), (4, 3)),
-}
+
+def test_powerprop_starts_from_the_users_init():
+    torch.manual_seed(0)
+    model = TinyNet()
+    before = model.fc1.weight.detach().clone()
+    callback = paper_pruning("powerprop")
+    callback.sparsifier.prepare(model)
+    torch.testing.assert_close(model.fc1.weight, before, rtol=1e-5, atol=1e-6)
+    raw = model.fc1.parametrizations.weight.original
+    layout = callback.layers[1].layout
+    assert not torch.allclose(raw, before)
+    torch.testing.assert_close(layout.block_norms(raw.detach()) ** 2, layout.block_norms(before))
+
+
+@pytest.mark.parametrize("weight_shape", [(10, 12), (6, 4, 3, 3), (10, 7)], ids=["linear", "conv", "ragged"])
+def test_powerprop_gradients_match_the_norm_scaled_formula(weight_shape):
+    """BlockPowerProp has a hand-written backward where blocks tile the weight: float64 gradcheck, double
+    backward, the same gradient as autograd through ``||V_b|| V_b mask_b``, and none into pruned blocks."""
+    from sapp_lightning.algorithms.powerprop import BlockPowerProp
+    from sapp_lightning.blocks import BlockLayout
+
+    torch.manual_seed(0)
+    weight = torch.randn(*weight_shape, dtype=torch.float64, requires_grad=True)
+    layout = BlockLayout.for_weight(weight, 2)
+    reparam = BlockPowerProp(layout).double()
+    reparam.block_mask[0, 0] = False
+    torch.autograd.gradcheck(reparam, (weight,))
+    torch.autograd.gradgradcheck(reparam, (weight,))
+    grad = torch.randn(weight_shape, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(reparam(weight), weight, grad)
+    norms = layout.block_sq_norms(weight).sqrt() * reparam.block_mask
+    (reference,) = torch.autograd.grad(weight * layout.expand(norms), weight, grad)
+    torch.testing.assert_close(ours, reference)
+    pruned = layout.expand((~reparam.block_mask).double()).bool()
+    assert (ours[pruned] == 0).all() and (ours[~pruned] != 0).all()
 
 
 def norm_scaled_reference(layout: BlockLayout, weight: torch.Tensor, mask: torch.Tensor, alpha=2.0) -> torch.Tensor:
@@ -34,19 +71,19 @@ def norm_scaled_reference(layout: BlockLayout, weight: torch.Tensor, mask: torch
 
 
 def powerprop(shape: str, dtype=torch.float64, zero_block: bool = True, alpha: float = 2.0):
-    weight_shape, block = SHAPES[shape]
+    weight_shape, block = REPARAM_SHAPES[shape]
     torch.manual_seed(0)
     weight = torch.randn(*weight_shape, dtype=dtype)
     layout = BlockLayout.for_weight(weight, block)
     reparam = BlockPowerProp(layout, alpha).to(dtype)
     reparam.block_mask[0, 0] = False
     if zero_block:  # an all-zero block that is kept (a zero-initialised layer, or zeroed in prune_mode="zero")
-        weight = layout.scale(weight, (torch.arange(layout.num_blocks) != 1).reshape(layout.grid_shape))
+        zero_blocks_(weight, block, blocks=[1])
     return reparam, layout, weight.requires_grad_()
 
 
 @pytest.mark.parametrize("alpha", [2.0, 3.0])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", REPARAM_SHAPES)
 def test_powerprop_one_path_passes_gradcheck_for_every_shape(shape, alpha):
     """gradcheck (with a pruned and an all-zero block) and gradgradcheck in float64, and the gradient of the
     autograd formula, for tiling, ragged and conv shapes alike, at the paper's alpha and another."""
@@ -71,10 +108,10 @@ def test_powerprop_alpha_one_is_the_masked_weight_and_alpha_one_and_a_half_passe
     torch.autograd.gradgradcheck(reparam, (weight,))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", REPARAM_SHAPES)
 def test_powerprop_gradient_at_a_zero_block_is_zero_not_nan(shape):
     reparam, layout, _ = powerprop(shape, dtype=torch.float32)
-    weight = torch.zeros(SHAPES[shape][0], requires_grad=True)
+    weight = torch.zeros(REPARAM_SHAPES[shape][0], requires_grad=True)
     (grad,) = torch.autograd.grad(reparam(weight), weight, torch.randn_like(weight), create_graph=True)
     assert torch.equal(grad, torch.zeros_like(grad))
     (second,) = torch.autograd.grad(grad.square().sum(), weight, allow_unused=True, materialize_grads=True)
@@ -183,100 +220,65 @@ def test_powerprop_edge_blocks_in_zero_mode_stay_finite_and_zero(tmp_path):
     assert int((norms == 0).sum()) == layout.num_blocks - round(0.5 * layout.num_blocks)
 
 
-def test_all_ones_mask_is_an_exact_identity_and_changes_are_seen():
-    layout = BlockLayout.for_weight(torch.zeros(32, 48), 16)
-    reparam, weight = BlockReparam(layout), torch.randn(32, 48)
-    assert reparam(weight) is weight
-    reparam.block_mask[1, 0] = False  # in place
-    masked = reparam(weight)
-    assert torch.equal(masked, weight * layout.expand(reparam.block_mask.float()))
-    reparam.block_mask.fill_(True)
-    assert reparam(weight) is weight
-    reparam.load_state_dict({"block_mask": torch.zeros(layout.grid_shape, dtype=torch.bool)})
-    assert torch.equal(reparam(weight), torch.zeros_like(weight))
-    reparam.block_mask = torch.ones(layout.grid_shape, dtype=torch.bool)  # a new tensor
-    assert reparam(weight) is weight
-    reparam.block_mask.data[0, 0] = False  # invisible to the version counter: the explicit hook
-    reparam.mark_mask_changed()
-    assert torch.equal(reparam(weight), weight * layout.expand(reparam.block_mask.float()))
-    assert BlockAttention(layout)(weight) is not weight  # attention is a factor of its own: never skipped
+# --- alpha ------------------------------------------------------------------------------------------------------------
 
 
-def test_mask_mode_dense_phase_leaves_the_weight_untouched_and_commits_exactly(tmp_path):
-    """ACDC in prune_mode="mask": dense phases skip the multiply; the committed model is the one that trained."""
+def test_powerprop_alpha_keeps_the_init_trains_differently_and_is_part_of_the_configuration():
+    from sapp_lightning.algorithms import PowerPropagation
+
     torch.manual_seed(0)
-    model = TinyNet()
-    callback = BlockPruning("acdc", 0.5, 4, min_blocks=10, prune_mode="mask")
-    make_trainer(tmp_path, [callback], max_epochs=10).fit(model, tiny_loader())
-    layout = BlockLayout.for_module(model.fc1, 4)
-    assert int((layout.block_sq_norms(model.fc1.weight.detach()) == 0).sum()) == layout.num_blocks // 2
-
-
-# --- fused CPU kernels (sapp_lightning.fused) --------------------------------------------------------
-def test_fused_kernels_are_on_unless_turned_off():
-    from sapp_lightning import fused
-
-    assert fused.fused_kernels_enabled() == (__import__("os").environ.get("SAPP_FUSED_KERNELS", "1") != "0")
-    weight = torch.randn(4, 4)
-    with torch.enable_grad():  # building a graph (double backward): the differentiable eager formulas run
-        assert not fused.active(weight)
-
-
-@pytest.fixture
-def fused_kernels():
-    from sapp_lightning import fused
-
-    before = fused.fused_kernels_enabled()
-    if not fused.use_fused_kernels(True):
-        pytest.skip("the fused kernels cannot be built here (no C++ compiler?)")
-    yield fused
-    fused.use_fused_kernels(before)
-
-
-def reparams(shape: str):
-    weight_shape, block = SHAPES[shape]
-    torch.manual_seed(0)
-    weight = torch.randn(*weight_shape)
-    layout = BlockLayout.for_weight(weight, block)
-    attention = BlockAttention(layout, clip=0.2)
-    with torch.no_grad():
-        attention.logits.normal_()
-    out = [attention, BlockPowerProp(layout)]
-    for reparam in out:
-        reparam.block_mask[0, 0] = False
-    return out, weight
-
-
-@pytest.mark.slow  # builds the C++ extension on first use (about 30 s, then cached)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_fused_kernels_give_the_eager_values_and_gradients(fused_kernels, shape):
-    modules, template = reparams(shape)
-    for reparam in modules:
-        weight = template.clone().requires_grad_()
-        params = [weight, *reparam.parameters()]
-        upstream = torch.randn_like(weight)
-        results = []
-        for on in (False, True):
-            fused_kernels.use_fused_kernels(on)
-            out = reparam(weight)
-            results.append((out, *torch.autograd.grad(out, params, upstream)))
-        for eager, fast in zip(*results):
-            scale = eager.abs().max().clamp_min(1.0)
-            torch.testing.assert_close(fast / scale, eager / scale, rtol=0, atol=2e-6)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["sapp", "powerprop"])
-def test_fused_kernels_train_to_the_same_masks_and_weights(tmp_path, fused_kernels, algorithm):
-    runs = []
-    for on in (False, True):
-        fused_kernels.use_fused_kernels(on)
+    reference, model = TinyNet(), None
+    for alpha in (2, 3):
         torch.manual_seed(0)
         model = TinyNet()
-        plan = [("dense", 0.2), ("sparsify", 0.4), ("sparse", 0.2), ("dense", 0.1), ("sparse", 0.1)]
-        callback = BlockPruning(algorithm, 0.5, 4, min_blocks=10, plan=plan if algorithm == "sapp" else "imagenet")
-        make_trainer(tmp_path / str(on), [callback], max_epochs=10).fit(model, tiny_loader())
-        runs.append(model.state_dict())
-    for (key, eager), fast in zip(runs[0].items(), runs[1].values()):
-        assert torch.equal(eager == 0, fast == 0), key  # the same blocks pruned
-        torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5, msg=key)
+        loop_sparsifier("powerprop", alpha=alpha).prepare(model)
+        torch.testing.assert_close(model.fc1.weight, reference.fc1.weight)  # W starts at the user's init either way
+    runs = {alpha: loop_sparsifier("powerprop", alpha=alpha) for alpha in (2, 3)}
+    models = {alpha: drive(s) for alpha, s in runs.items()}
+    assert not torch.allclose(models[2].fc1.weight, models[3].fc1.weight)
+    for s in runs.values():
+        assert [layer.zero_blocks for layer in s.report().layers] == [n - keep_count(n, 0.5) for n in PRUNED.values()]
+    assert runs[3].algorithm.config() == {"prune_mode": "mask", "alpha": 3.0}
+    assert runs[2].algorithm.config() == PowerPropagation().config() == {"prune_mode": "mask"}  # as before alpha
+    with pytest.raises(ValueError, match=r"alpha: checkpoint 3\.0, this callback None"):
+        fresh = loop_sparsifier("powerprop")
+        fresh.prepare(TinyNet())
+        fresh.load_state_dict(runs[3].state_dict())
+
+
+@pytest.mark.parametrize("alpha", [0.5, True, "2"])
+def test_bad_powerprop_alpha(alpha):
+    from sapp_lightning.algorithms import PowerPropagation
+
+    with pytest.raises(ValueError, match=r"alpha must be a number >= 1 \(the paper's block PowerPropagation is 2\)"):
+        PowerPropagation(alpha=alpha)
+
+
+# --- all-zero weights stay dense --------------------------------------------------------------------------------------
+
+
+def test_powerprop_leaves_an_all_zero_weight_dense_saying_why_and_refuses_a_model_with_only_such_weights():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    nn.init.zeros_(model[2].weight)  # as torchvision's ViT head: a zero block never moves under PowerPropagation
+    sparsifier = BlockSparsifier("powerprop", 0.5, 8, min_blocks=4)
+    with pytest.warns(UserWarning, match=r"stay dense: 2 \(all zero: PowerPropagation's all-zero blocks get no"):
+        sparsifier.prepare(model)
+    assert [layer.name for layer in sparsifier.layers] == ["0"]
+    assert {c.name: c.reason for c in sparsifier.choices}["2"].startswith("all zero")
+    fresh = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    for layer in fresh:
+        nn.init.zeros_(layer.weight)
+    with pytest.raises(ValueError, match=r"no layer to prune: 0 is all zero: .*; 1 is all zero: "):
+        BlockSparsifier("powerprop", 0.5, 8, min_blocks=4).prepare(fresh)
+    assert not any("parametrizations" in name for name, _ in fresh.named_modules())  # untouched
+
+
+def test_powerprop_names_an_all_zero_attention_input_projection_by_its_parameter():
+    attention = nn.MultiheadAttention(32, 2)
+    nn.init.zeros_(attention.in_proj_weight)
+    model = nn.ModuleDict({"attn": attention, "fc": nn.Linear(64, 64)})
+    sparsifier = BlockSparsifier("powerprop", 0.5, 8, min_blocks=4)
+    with pytest.warns(UserWarning, match=r"stay dense: attn.in_proj_weight \(all zero"):
+        sparsifier.prepare(model)
+    assert [layer.name for layer in sparsifier.layers] == ["attn.out_proj", "fc"]
+    assert {c.name: c.reason for c in sparsifier.choices}["attn.in_proj_weight"].startswith("all zero")
