@@ -9,8 +9,8 @@ command-line tools parse their arguments first).
 Example:
     >>> from sapp_lightning import BlockPruning
     >>> pruning = BlockPruning("sapp", sparsity=0.9, block_size=16)
-    >>> pruning.plan.segments[0]
-    Segment(phase=<Phase.DENSE: 0>, fraction=0.1)
+    >>> pruning.plan  # the paper's ImageNet plan with as many cycles as the training length allows
+    AutoPlan(kind='sapp', setup='imagenet', min_phase_steps=500)
 """
 
 from __future__ import annotations

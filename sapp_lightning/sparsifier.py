@@ -85,8 +85,10 @@ class BlockSparsifier:
         include: regular expressions searched in module names; when given, only matching Linear, Conv2d and
             Embedding modules are candidates. Default: every Linear and Conv2d (``groups == 1``).
         exclude: regular expressions; matching modules are never pruned.
-        plan: ``"auto"`` (the paper's plan with as many cycles as the training length allows, see
-            :class:`~sapp_lightning.schedules.AutoPlan`), ``"imagenet"`` or ``"criteo"`` (the paper's plan for the
+        plan: ``None`` (default): the algorithm's own: ``"auto"`` for SA++, the paper's ImageNet plan for the others.
+            ``"auto"``: the paper's ImageNet plan with as many cycles as the training length allows, one long ramp
+            when there is no room for one (:class:`~sapp_lightning.schedules.AutoPlan`); ``"imagenet"`` or
+            ``"criteo"`` (the paper's plan for the
             algorithm), a full plan name such as ``"imagenet_acdc"``, or a list of ``(phase, fraction)`` pairs with
             phases ``"dense"``, ``"sparsify"``, ``"sparse"`` and fractions of the training steps that add up to 1.
         schedule_exponent: ``c`` of the exponential ramp.
@@ -117,7 +119,7 @@ class BlockSparsifier:
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         *,
-        plan: str | Sequence[Any] | PhasePlan | AutoPlan = "imagenet",
+        plan: str | Sequence[Any] | PhasePlan | AutoPlan | None = None,
         schedule_exponent: float = 4.0,
         ramp: str | None = None,
         reset_optimizer: bool = True,
@@ -137,7 +139,7 @@ class BlockSparsifier:
         self.exclude = [exclude] if isinstance(exclude, str) else list(exclude or [])
         self._include = compile_patterns(self.include, "include")
         self._exclude = compile_patterns(self.exclude, "exclude")
-        self.plan = PhasePlan.parse(plan, self.algorithm.plan_kind)
+        self.plan = PhasePlan.parse(self.algorithm.default_plan if plan is None else plan, self.algorithm.plan_kind)
         self.ramp = Ramp(ramp or self.algorithm.default_ramp, schedule_exponent)
         self.reset_optimizer = reset_optimizer
         self.check_finite_every_n_steps = require_int("check_finite_every_n_steps", check_finite_every_n_steps, 0)

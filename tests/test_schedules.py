@@ -156,7 +156,7 @@ def test_fewer_cycles_share_the_same_span():
 
 @pytest.mark.parametrize(
     "kind, picks",
-    [("sapp", {100: 0, 1_000: 2, 100_000: 6}), ("acdc", {100: 0, 1_000: 3, 100_000: 6})],
+    [("sapp", {100: 0, 1_000: 0, 10_000: 4, 100_000: 6}), ("acdc", {100: 0, 1_000: 0, 10_000: 6, 100_000: 6})],
 )
 def test_auto_plan_picks_cycles_by_training_length(kind, picks):
     from sapp_lightning.schedules import AutoPlan
@@ -167,21 +167,21 @@ def test_auto_plan_picks_cycles_by_training_length(kind, picks):
         assert auto.cycles(steps) == cycles
         assert auto.resolve(steps).plan == PhasePlan.cycled(f"imagenet_{kind}", cycles)
         assert auto.describe(steps).startswith(f"auto, {steps} steps: {cycles} of the paper's 6 (")
-    # every phase of a cycle gets at least min_phase_steps (100) of the 60% the cycles share: the paper's 6 cycles
-    # of 3 (SA++) or 2 (ACDC) phases from 3,000 or 2,000 steps on
-    assert auto.cycles({"sapp": 3_000, "acdc": 2_000}[kind]) == 6
-    assert auto.cycles({"sapp": 2_999, "acdc": 1_999}[kind]) == 5
+    # every phase of a cycle gets at least min_phase_steps (500) of the 60% the cycles share: the paper's 6 cycles
+    # of 3 (SA++) or 2 (ACDC) phases from 15,000 or 10,000 steps on
+    assert auto.cycles({"sapp": 15_000, "acdc": 10_000}[kind]) == 6
+    assert auto.cycles({"sapp": 14_999, "acdc": 9_999}[kind]) == 5
 
 
 def test_auto_plan_says_what_it_picked():
     from sapp_lightning.schedules import AutoPlan
 
     assert AutoPlan("sapp").describe(100) == (
-        "auto, 100 steps: 0 of the paper's 6 (sparsify, sparse, dense) cycles (a phase needs 100 steps): one ramp "
+        "auto, 100 steps: 0 of the paper's 6 (sparsify, sparse, dense) cycles (a phase needs 500 steps): one ramp "
         "over 75% of training"
     )
     assert AutoPlan("acdc").describe(100) == (
-        "auto, 100 steps: 0 of the paper's 6 (sparse, dense) cycles (a phase needs 100 steps): dense until the "
+        "auto, 100 steps: 0 of the paper's 6 (sparse, dense) cycles (a phase needs 500 steps): dense until the "
         "last 30% of training"
     )
     assert AutoPlan("sapp", min_phase_steps=50).describe(1_000) == (

@@ -221,7 +221,7 @@ def carries_block_pruning(module: nn.Module) -> bool:
 class PruningAlgorithm:
     """Base class: one subclass per method, holding its own knobs and what it adds to training.
 
-    Subclasses set ``plan_kind`` (which of the paper's plans they default to), ``default_prune_mode`` and
+    Subclasses set ``plan_kind`` (which of the paper's plans they follow), ``default_plan``, ``default_prune_mode`` and
     ``default_ramp``, and
     override :meth:`make_reparam` and/or :meth:`block_scores`. An algorithm with parameters of its own (SA++'s
     logits) also overrides :meth:`trainable_parameters`, :meth:`attach` and :meth:`before_optimizer_step`.
@@ -238,6 +238,8 @@ class PruningAlgorithm:
     default_prune_mode: ClassVar[PruneMode] = "zero"
     #: how sparsity rises inside a sparsification phase (:class:`~sapp_lightning.schedules.Ramp`)
     default_ramp: ClassVar[str] = "exponential"
+    #: the plan a sparsifier lays out when none is given (``PhasePlan.parse``'s spelling)
+    default_plan: ClassVar[str] = "imagenet"
     #: what :meth:`block_importance` calls the score (a label for plots and logs)
     importance_name: ClassVar[str] = "block norm"
 

@@ -147,6 +147,9 @@ class SequentialAttentionPP(PruningAlgorithm):
     """
 
     plan_kind = "sapp"
+    # the paper's cycles where the budget has room for them, else one long ramp: ahead of the paper's plan at
+    # every budget measured here (docs/results.md, "SA++ against gradual magnitude pruning")
+    default_plan = "auto"
     default_prune_mode = "mask"
     importance_name = "attention"
     #: defaults of the settings that are part of the configuration (only those that differ are listed)
