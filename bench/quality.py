@@ -108,6 +108,9 @@ ABLATIONS: dict[str, list[str]] = {
     # the same through the algorithm (any optimizer and schedule): A = N softmax(k L); SGD ~ lr x k^2, Adam ~ x k
     "gradual_logit_scale_3": ["pruning.plan={setup}:0", "pruning.logit_scale=3.16"],
     "gradual_logit_scale_10": ["pruning.plan={setup}:0", "pruning.logit_scale=10"],
+    "gradual_logit_scale_30": ["pruning.plan={setup}:0", "pruning.logit_scale=30"],
+    "gradual_norm": ["pruning.plan={setup}:0", "pruning.normalize_logit_grad=true"],
+    "gradual_norm_scale_3": ["pruning.plan={setup}:0", "pruning.normalize_logit_grad=true", "pruning.logit_scale=3.16"],
     "cycles1_logit_scale_3": ["pruning.plan={setup}:1", "pruning.logit_scale=3.16"],
     "cycles2_logit_scale_3": ["pruning.plan={setup}:2", "pruning.logit_scale=3.16"],
     "gradual_logit_lr_x10_score_magnitude": [
