@@ -11,6 +11,32 @@ from .algorithms import PrunedLayer
 STATE_VERSION = 2
 #: where a prepared model's ``state_dict()`` records the configuration: its metadata, not an entry
 METADATA_KEY = "sapp_lightning.block_pruning"
+# options left out of a configuration at these values (the spec's), so that checkpoints made before they existed match
+_SPARSIFIER_DEFAULTS = {"sparsify_every_n_steps": 1, "sparsify_regrowth": False, "ranking": "layer"}
+
+
+def configuration(sparsifier: Any) -> dict[str, Any]:
+    """The settings of a :class:`~sapp_lightning.BlockSparsifier` that must match for a checkpoint to resume
+    (plain types only). Options added later are listed only where they differ from their default, so that older
+    checkpoints keep matching."""
+    algorithm, layers = sparsifier.algorithm, sparsifier.layers
+    params = [layer.param_name for layer in layers]  # in_proj_weight for MultiheadAttention, else "weight"
+    return {
+        "algorithm": algorithm.name,
+        "sparsity": sparsifier.sparsity,
+        "block_size": list(sparsifier.block_size),
+        "min_blocks": sparsifier.min_blocks,
+        "include": list(sparsifier.include),
+        "exclude": list(sparsifier.exclude),
+        **algorithm.config(),
+        "plan": sparsifier.plan.to_config(),
+        "schedule_exponent": sparsifier.schedule_exponent,
+        **({"ramp": sparsifier.ramp.kind} if sparsifier.ramp.kind != algorithm.default_ramp else {}),
+        **{k: getattr(sparsifier, k) for k, v in _SPARSIFIER_DEFAULTS.items() if getattr(sparsifier, k) != v},
+        "layers": [layer.name for layer in layers],
+        "kinds": [layer.layout.kind for layer in layers],
+        **({"params": params} if any(p != "weight" for p in params) else {}),
+    }
 
 
 def config_differences(saved: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str]:

@@ -19,6 +19,26 @@ class Lifecycle(enum.Enum):
     COMMITTED = "committed"  # plain weights again; the sparsifier is spent
     FAILED = "failed"  # training stopped by an exception; the model still carries the masks
 
+    def require(self, *allowed: Lifecycle, action: str, who: str) -> None:
+        """Raise ``RuntimeError`` unless the state is one of ``allowed``; ``action`` names the call refused. A new
+        model needs a new sparsifier: ``prepare`` on a used one says why."""
+        if self in allowed:
+            return
+        if action.startswith("prepare") and self is Lifecycle.COMMITTED:
+            raise RuntimeError(
+                f"this {who} already committed a model at the end of an earlier fit; create a new {who} for another fit"
+            )
+        if action.startswith("prepare"):
+            raise RuntimeError(
+                f"this {who} already pruned a model in an earlier fit that did not finish (it raised or was "
+                "interrupted), and that model still carries its masks. Call commit() on it for plain weights, or "
+                f"resume the run from a checkpoint with a fresh model and a fresh {who}"
+            )
+        raise RuntimeError(
+            f"{who}.{action} needs a sparsifier that is {' or '.join(s.value for s in allowed)}, but it is "
+            f"{self.value} (order: prepare -> attach -> start -> step ... -> commit)"
+        )
+
 
 @dataclass(frozen=True)
 class PruningEvent:

@@ -46,6 +46,7 @@ from .compatibility import (
     STATE_VERSION,
     check_incoming_model_state,
     check_saved_state,
+    configuration,
     raise_on_config_difference,
 )
 from .distributed import AllGather, rank_zero_info, rank_zero_warn, torch_all_gather, verify_masks_agree, world_size
@@ -57,7 +58,6 @@ from .validation import require_choice, require_int
 
 log = logging.getLogger(__name__)
 
-_SPARSIFIER_DEFAULTS = {"sparsify_every_n_steps": 1, "sparsify_regrowth": False, "ranking": "layer"}
 __all__ = ["BlockSparsifier", "unwrap_optimizer"]
 
 
@@ -210,30 +210,7 @@ class BlockSparsifier:
 
     def config(self) -> dict[str, Any]:
         """The settings that must match for a checkpoint to resume (plain types only)."""
-        return {
-            "algorithm": self.algorithm.name,
-            "sparsity": self.sparsity,
-            "block_size": list(self.block_size),
-            "min_blocks": self.min_blocks,
-            "include": list(self.include),
-            "exclude": list(self.exclude),
-            **self.algorithm.config(),
-            "plan": self.plan.to_config(),
-            "schedule_exponent": self.schedule_exponent,
-            # a ramp other than the algorithm's own only: checkpoints made before ramps existed still match
-            **({"ramp": self.ramp.kind} if self.ramp.kind != self.algorithm.default_ramp else {}),
-            # the spec's defaults are left out, so that checkpoints made before these options existed still match
-            **{k: getattr(self, k) for k, v in _SPARSIFIER_DEFAULTS.items() if getattr(self, k) != v},
-            "layers": [layer.name for layer in self.layers],
-            "kinds": [layer.layout.kind for layer in self.layers],
-            **self._param_names(),
-        }
-
-    def _param_names(self) -> dict[str, list[str]]:
-        """``{"params": [...]}`` where a pruned weight is not called ``weight`` (MultiheadAttention's
-        ``in_proj_weight``); nothing otherwise, so that older checkpoints keep matching."""
-        params = [layer.param_name for layer in self.layers]
-        return {"params": params} if any(p != "weight" for p in params) else {}
+        return configuration(self)
 
     def summary(self) -> str:
         """What is pruned and what stays dense: a line, then one row per weight of the model with its block grid
@@ -277,17 +254,7 @@ class BlockSparsifier:
 
         Raises ``ValueError`` before touching the model when nothing can be pruned. Returns the pruned layers.
         """
-        if self.lifecycle is Lifecycle.COMMITTED:
-            raise RuntimeError(
-                "this sparsifier already committed a model at the end of an earlier fit; create a new "
-                "BlockPruning / BlockSparsifier for another fit"
-            )
-        if self.lifecycle is not Lifecycle.NEW:
-            raise RuntimeError(
-                "this sparsifier already pruned a model in an earlier fit that did not finish (it raised or was "
-                "interrupted), and that model still carries its masks. Call commit() on it for plain weights, or "
-                "resume the run from a checkpoint with a fresh model and a fresh BlockPruning / BlockSparsifier"
-            )
+        self._require(Lifecycle.NEW, action="prepare(model)")
         algorithm = self.algorithm
         refuse_tied = f"{algorithm.name} in prune_mode={algorithm.prune_mode!r}" if algorithm.reparametrizes else None
         chosen, choices = choose_layers(
@@ -410,11 +377,7 @@ class BlockSparsifier:
             self.lifecycle = Lifecycle.FAILED
 
     def _require(self, *allowed: Lifecycle, action: str) -> None:
-        if self.lifecycle not in allowed:
-            raise RuntimeError(
-                f"BlockSparsifier.{action} needs a sparsifier that is {' or '.join(s.value for s in allowed)}, "
-                f"but it is {self.lifecycle.value} (order: prepare -> attach -> start -> step ... -> commit)"
-            )
+        self.lifecycle.require(*allowed, action=action, who=self.owner)
 
     # --- the plan -----------------------------------------------------------------------------
     def _advance(self, step: int, checked: bool = False) -> None:
