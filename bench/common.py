@@ -1,20 +1,18 @@
-"""Shared pieces of the benchmarks: quiet in-process training, a resumable JSON-lines store, timing helpers.
+"""Shared pieces of the timing benchmarks: quiet in-process training, interleaved timing, the machine's description.
 
 The cost benchmarks train with the public API (``BlockPruning``, the data modules, the models and LightningModules
-of ``sapp_lightning.app.models``) in the current process, on one thread, with Lightning's extras turned off; the
-quality benchmark trains through the app (``bench/quality.py``).
+of ``sapp_lightning.app.models``) in the current process, on one thread, with Lightning's extras turned off. Quality
+grids are not benchmarks of their own: they are ``sapp-train -m ... +bench=fast`` sweeps (docs/results.md).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -81,80 +79,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-# --- resumable JSON-lines store -------------------------------------------------------------------
-def load_done(path: Path) -> dict[str, dict[str, Any]]:
-    """Finished runs in ``path`` by their ``key`` (a missing file holds none; a torn last line is skipped)."""
-    done: dict[str, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[row["key"]] = row
-    return done
-
-
-def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one finished run (one line, flushed, so an interrupted sweep loses at most the run in flight)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
-
-
-def run_pool(
-    jobs: list[dict[str, Any]], worker: Callable[[dict[str, Any]], dict[str, Any]], out: Path, processes: int
-) -> list[dict[str, Any]]:
-    """Run ``worker(job)`` for every job whose key is not in ``out`` yet; print one line per finished run.
-
-    A finished run counts only if it was made with the same settings: a key whose row in ``out`` differs from the
-    job in a field the key leaves out raises ``ValueError`` instead of silently standing in for it.
-    """
-    done = load_done(out)
-    for job in jobs:
-        row = done.get(job["key"])
-        differs = sorted(k for k, v in job.items() if row is not None and row.get(k) != v)
-        if differs:
-            settings = ", ".join(f"{k}={row.get(k)!r} there, {job[k]!r} asked" for k in differs)
-            raise ValueError(f"{out} already holds {job['key']} with other settings ({settings}); use another --out")
-    todo = [job for job in jobs if job["key"] not in done]
-    print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already in {out}, {len(todo)} to run", flush=True)
-    start = time.perf_counter()
-    results = []
-    rows: Iterable[dict[str, Any]]
-    if processes > 1 and len(todo) > 1:
-        import multiprocessing as mp
-
-        pool = mp.get_context("fork").Pool(processes, maxtasksperchild=None)
-        rows = pool.imap_unordered(worker, todo)
-    else:
-        pool = None
-        rows = map(worker, todo)
-    try:
-        for i, row in enumerate(rows, 1):
-            append_row(out, row)
-            results.append(row)
-            elapsed = time.perf_counter() - start
-            print(f"[{i}/{len(todo)} {elapsed:6.0f}s] {row['key']}: {format_metrics(row)}", flush=True)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    return results
-
-
-def format_metrics(row: dict[str, Any]) -> str:
-    """A finished run's metrics on one line (``results.json``'s nested ``val`` / ``test`` flattened)."""
-    flat = {**row, **row.get("val", {}), **row.get("test", {})}
-    keys = ("val/loss", "val/acc", "val/auroc", "test/loss", "test/acc", "achieved_block_sparsity", "fit_seconds")
-    keys += ("val_loss", "val_acc", "test_loss", "test_acc", "achieved_sparsity", "seconds")  # older lines
-    return " ".join(
-        f"{k}={flat[k]:.4f}" if isinstance(flat.get(k), float) else f"{k}={flat.get(k)}" for k in keys if k in flat
-    )
-
-
-# --- timing ----------------------------------------------------------------------------------------
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -5,13 +5,16 @@ size) and the ``CubicSL`` scheduler, stepped after every optimizer step, on the 
 (``block_sparsity(..., min_blocks=...)`` lists them). The ramp runs from ``start`` to ``end`` of training
 (``init_t`` and ``delta_t * total_t`` in ``CubicSL``'s terms), the masks are re-chosen every ``every_n_steps``
 steps, and the fit ends with ``squash_mask`` (plain weights). Nothing of ``torch.ao`` is in the library: this is
-glue for the comparison in docs/results.md. Through the app, as ``bench/quality.py --methods torch_ao_gmp`` runs it::
+glue for the comparison in docs/results.md, added to a run of the dense configuration through the app::
 
-    sapp-train recipe=fashion_mnist_demo pruning=dense pruning.algorithm=torch_ao_gmp \\
+    PYTHONPATH=. sapp-train -m recipe=fashion_mnist_demo model=mlp pruning=dense pruning.algorithm=torch_ao_gmp \\
         +callbacks.torch_ao._target_=bench.torch_ao_gmp.TorchAOGradualPruning \\
-        +callbacks.torch_ao.sparsity=0.9 +callbacks.torch_ao.block_size=16
+        '+callbacks.torch_ao.sparsity=${pruning.sparsity}' '+callbacks.torch_ao.block_size=${pruning.block_size}' \\
+        '+callbacks.torch_ao.min_blocks=${pruning.min_blocks}' \\
+        pruning.sparsity=0.9,0.95 pruning.block_size=8,16,32 seed=0,1,2 +bench=fast hydra/launcher=joblib
 
-(from the repository's root, so that ``bench`` imports).
+(``PYTHONPATH=.`` from the repository's root, so that ``bench`` imports in every job;
+``pruning.algorithm`` labels the runs in the tables).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import IO, Any
 
 import torch
 
-from .algorithms import build_algorithm
+from .algorithms import build_algorithm, get_algorithm
 from .algorithms.base import MASK_SUFFIX, algorithm_option_names
 from .blocks import BlockLayout
 from .compatibility import METADATA_KEY
@@ -155,8 +155,11 @@ def committed_state_dict(
     pending: dict[str, tuple[str, torch.Tensor]] = {}  # layer prefix -> (weight key, committed weight)
     dropped = {key for key in state if key.endswith(LEGACY_CONFIG_KEY)}
     for root, cfg in configs.items():
-        # the knobs the configuration records (alpha, clip bounds, softmax scope...) change the forward
-        algorithm = build_algorithm(cfg["algorithm"], **{k: v for k, v in cfg.items() if k in algorithm_option_names()})
+        # the knobs the configuration records (alpha, clip bounds, softmax scope...) change the forward; one it
+        # lacks has the value it had before it was recorded (DEFAULTS), not today's default
+        recorded = {**getattr(get_algorithm(cfg["algorithm"]), "DEFAULTS", {}), **cfg}
+        options = {k: v for k, v in recorded.items() if k in algorithm_option_names()}
+        algorithm = build_algorithm(cfg["algorithm"], **options)
         params = cfg.get("params") or ["weight"] * len(cfg["layers"])
         # every layer's parametrization first: with softmax_scope="global" each one's attention needs all logits
         layers = [

@@ -568,13 +568,10 @@ def test_a_file_of_a_newer_format_is_refused_with_its_version(tmp_path):
 
 
 def test_the_readme_snippet_runs(tmp_path, monkeypatch):
-    """The snippet of the README's "Run the pruned model" (or of its draft, until it is folded in)."""
-    root = Path(__file__).resolve().parents[1]
-    for doc in (root / "README.md", root / "docs" / "README_run_the_pruned_model.md"):
-        blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
-        found = [b for b in blocks if "load_block_sparse(" in b]
-        if found:
-            break
+    """The snippet of the README's "Run the pruned model"."""
+    doc = Path(__file__).resolve().parents[1] / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    found = [b for b in blocks if "load_block_sparse(" in b]
     assert len(found) == 1
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}

@@ -48,7 +48,7 @@ def test_wandb_stores_the_heatmap_as_drawn_with_pruned_blocks_black_and_attentio
     class SpreadLogits(pl.Callback):  # a few steps of a tiny run barely move the attention: give it a range
         def on_train_start(self, trainer, pl_module):
             for logits in (p for layer in callback.layers for p in callback.algorithm.trainable_parameters(layer)):
-                logits.data.normal_(0, 1)
+                logits.data.normal_(0, 1 / callback.algorithm.logit_scale)  # a spread of 1 inside the softmax
 
     logger = WandbLogger(project="heatmaps", save_dir=tmp_path, offline=True)
     heatmaps = MaskHeatmaps(per_layer_every_phase=True)  # each layer's figure at every phase end too

@@ -15,6 +15,7 @@ from helpers import (
     BLOCK,
     PRUNED,
     TinyNet,
+    assert_same_state,
     attention_of,
     drive,
     fit_and_probe,
@@ -25,7 +26,7 @@ from helpers import (
     tiny_loader,
 )
 
-from sapp_lightning import BlockLayout, BlockPruning, BlockSparsifier, Phase, keep_count
+from sapp_lightning import BlockLayout, BlockPruning, BlockSparsifier, Phase, committed_state_dict, keep_count
 from sapp_lightning.algorithms import BlockAttention, SequentialAttentionPP
 
 # --- the commit and the ramp ------------------------------------------------------------------------------------------
@@ -238,7 +239,8 @@ def test_clip_ties_rank_blocks_at_the_bound_by_logit_or_by_index():
     kept = {}
     for ties in ("logit", "index"):
         s = BlockSparsifier(
-            "sapp", 0.75, 4, min_blocks=1, plan=[("sparse", 1.0)], clip_ties=ties, clip_bounds=(0.1, 1.2)
+            "sapp", 0.75, 4, min_blocks=1, plan=[("sparse", 1.0)], clip_ties=ties, clip_bounds=(0.1, 1.2),
+            logit_scale=1.0,  # the paper's A = N softmax(L), for the attention values below
         )
         s.prepare(model)
         layer = s.layers[0]
@@ -277,7 +279,8 @@ def test_global_ranking_compares_each_layers_attention_not_its_raw_logits(option
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))  # 4 x 4 = 16 blocks each
     s = BlockSparsifier("sapp", 0.5, 4, min_blocks=1, plan=[("sparse", 1.0)], ranking="global", **options)
     s.prepare(model)
-    logits = torch.linspace(-1.0, 1.0, 16)[torch.randperm(16, generator=torch.Generator().manual_seed(0))]
+    # spread over [-0.1, 0.1], times the default logit_scale 10: no attention reaches a clipping bound (no ties)
+    logits = torch.linspace(-0.1, 0.1, 16)[torch.randperm(16, generator=torch.Generator().manual_seed(0))]
     with torch.no_grad():
         s.layers[0].reparam.logits.view(-1).copy_(logits)
         s.layers[1].reparam.logits.view(-1).copy_(logits + 5.0)
@@ -305,8 +308,10 @@ def test_bad_sapp_options(option, message):
 
 
 def test_the_defaults_are_the_specs_and_leave_the_configuration_as_before():
+    """Except ``logit_scale`` (10, the paper's 1: README, "Why logit_scale is 10"), which the configuration records."""
     s = loop_sparsifier()
     algorithm = s.algorithm
+    assert algorithm.logit_scale == 10.0
     assert (algorithm.softmax_scope, algorithm.softmax_over, algorithm.score, algorithm.clip_ties) == (
         "layer", "all", "attention", "logit",
     )  # fmt: skip
@@ -318,7 +323,7 @@ def test_the_defaults_are_the_specs_and_leave_the_configuration_as_before():
     )
     assert set(s.config()) == {
         "algorithm", "sparsity", "block_size", "min_blocks", "include", "exclude", "prune_mode",
-        "attention_clipping", "plan", "schedule_exponent", "layers", "kinds",
+        "attention_clipping", "plan", "schedule_exponent", "layers", "kinds", "logit_scale",
     }  # fmt: skip
 
 
@@ -340,7 +345,19 @@ def test_logit_scale_is_a_temperature_that_moves_the_attention_faster():
     moved_scaled = 3 * (-step * scaled.logits.grad)  # the change of k * logits
     torch.testing.assert_close(moved_scaled, 9 * moved_plain)
     assert SequentialAttentionPP(logit_scale=3.0).config()["logit_scale"] == 3.0
-    assert "logit_scale" not in SequentialAttentionPP().config()  # the default leaves old checkpoints matching
+    assert SequentialAttentionPP().config()["logit_scale"] == 10.0  # the default is recorded: it is not the paper's
+    assert "logit_scale" not in SequentialAttentionPP(logit_scale=1.0).config()  # as before the setting existed
+
+
+def test_a_state_recorded_without_logit_scale_folds_with_the_papers_attention():
+    """Checkpoints written before ``logit_scale`` existed record no value: they fold with 1, not today's default."""
+    sparsifier = loop_sparsifier(logit_scale=1.0, logit_init_std=0.5)
+    model = drive(sparsifier, steps=10)
+    state = model.state_dict()
+    assert "logit_scale" not in sparsifier.config()
+    committed = committed_state_dict(state)
+    sparsifier.commit()
+    assert_same_state(committed, model.state_dict())
 
 
 def test_logit_scale_must_be_positive():

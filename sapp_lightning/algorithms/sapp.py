@@ -118,14 +118,12 @@ class SequentialAttentionPP(PruningAlgorithm):
             the optimizer steps (so AMP scaling and gradient accumulation do not change it). ``None``: the weight
             decay of the pruned weights' parameter group, or 0 when the optimizer already decays the logits (#11).
         logit_init_std: the logits start as ``N(0, std^2)``; 0 (default, #1) makes ``A`` 1 everywhere.
-        normalize_logit_grad: divide each layer's logit gradient by its root mean square over the layer's blocks
-            right before the optimizer steps, so that the attention moves as fast under SGD as under Adam whatever
-            the scale of the loss and the weights (SGD's raw attention gradients are orders of magnitude smaller than
-            the weights' and leave the attention near 1); the ranking inside a step is unchanged.
-        logit_scale: the softmax sees ``logit_scale * logits`` (a temperature of ``1 / logit_scale``; 1, the
-            paper's, by default): an optimizer step then moves the attention ``logit_scale`` times as far under Adam
-            and ``logit_scale**2`` times under SGD, as a larger learning rate for the logits would, whatever
-            optimizer and schedule the user built.
+        logit_scale: the softmax sees ``logit_scale * logits`` (a temperature of ``1 / logit_scale``): an optimizer
+            step moves the attention ``logit_scale`` times as far under Adam and ``logit_scale**2`` times under SGD,
+            as a larger learning rate for the logits would, whatever optimizer and schedule the user built. Default
+            10 (the paper's is 1): SGD's gradients leave the paper's attention near 1, and on the Fashion-MNIST
+            models 10 was ahead of 1, 3.16 and 30 (30 diverged at 95%); with Adam on the CTR model 1 did better,
+            so the CTR recipes set 1 (docs/results.md, "SA++ against gradual magnitude pruning").
         softmax_scope: ``"layer"`` (default, #2): a softmax over each layer's blocks times their number;
             ``"global"``: one softmax over the blocks of every pruned layer, times their total number.
         softmax_over: ``"all"`` blocks (default, #9, Algorithm 1) or only the ``"kept"`` ones.
@@ -144,7 +142,7 @@ class SequentialAttentionPP(PruningAlgorithm):
             zeroes them when they are pruned, so regrown blocks restart from 0 (#8).
 
     Example:
-        >>> SequentialAttentionPP(attention_clipping=False, logit_l2=1e-4)
+        >>> SequentialAttentionPP(attention_clipping=False, logit_scale=1.0)  # the paper's attention, unclipped
         SequentialAttentionPP(prune_mode='mask', attention_clipping=False)
         >>> SequentialAttentionPP(score="magnitude").config()["score"]
         'magnitude'
@@ -156,10 +154,11 @@ class SequentialAttentionPP(PruningAlgorithm):
     default_plan = "auto"
     default_prune_mode = "mask"
     importance_name = "attention"
-    #: defaults of the settings that are part of the configuration (only those that differ are listed)
+    #: what a setting missing from a recorded configuration means (only the settings that differ are recorded, so
+    #: these stay the values of the checkpoints written before each setting existed, whatever the defaults)
     DEFAULTS: ClassVar[dict[str, Any]] = dict(
         clip_bounds=None, logit_init_std=0.0, softmax_scope="layer", softmax_over="all", score="attention",
-        clip_ties="logit", logit_scale=1.0, normalize_logit_grad=False,
+        clip_ties="logit", logit_scale=1.0,
     )  # fmt: skip
 
     def __init__(
@@ -173,8 +172,7 @@ class SequentialAttentionPP(PruningAlgorithm):
         softmax_over: str = "all",
         score: str = "attention",
         clip_ties: str = "logit",
-        logit_scale: float = 1.0,
-        normalize_logit_grad: bool = False,
+        logit_scale: float = 10.0,
         prune_mode: PruneMode | None = None,
     ) -> None:
         super().__init__(prune_mode)
@@ -201,7 +199,6 @@ class SequentialAttentionPP(PruningAlgorithm):
         self.logit_l2 = logit_l2
         self.logit_init_std = float(logit_init_std)
         self.logit_scale = float(logit_scale)
-        self.normalize_logit_grad = bool(normalize_logit_grad)
         self.softmax_scope, self.softmax_over, self.score, self.clip_ties = (
             softmax_scope,
             softmax_over,
@@ -300,19 +297,14 @@ class SequentialAttentionPP(PruningAlgorithm):
 
     @torch.no_grad()
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Add the exact gradient of ``logit_l2 / 2 * ||L||^2`` to the logits this optimizer trains; with
-        ``normalize_logit_grad``, divide each layer's logit gradient by its root mean square."""
-        if self.effective_logit_l2 <= 0 and not self.normalize_logit_grad:
+        """Add the exact gradient of ``logit_l2 / 2 * ||L||^2`` to the logits this optimizer trains."""
+        if self.effective_logit_l2 <= 0:
             return
         for logits in self._logits_by_optimizer.get(id(optimizer), ()):
-            if self.effective_logit_l2 > 0:
-                if logits.grad is None:
-                    logits.grad = self.effective_logit_l2 * logits.detach().clone()
-                else:
-                    logits.grad.add_(logits.detach(), alpha=self.effective_logit_l2)
-            if self.normalize_logit_grad and logits.grad is not None:
-                grad = logits.grad  # all-zero stays zero; no host sync
-                grad.div_(grad.float().square().mean().sqrt().clamp_min(1e-30).to(grad.dtype))
+            if logits.grad is None:
+                logits.grad = self.effective_logit_l2 * logits.detach().clone()
+            else:
+                logits.grad.add_(logits.detach(), alpha=self.effective_logit_l2)
 
     def __getstate__(self) -> dict[str, Any]:  # optimizers and layers are per run: a copy starts unattached
         group = AttentionGroup() if self.softmax_scope == "global" else None

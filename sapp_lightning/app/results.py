@@ -403,9 +403,10 @@ def report(frame: pd.DataFrame, paper: str | Sequence[str] | None = "auto") -> s
             out.append(f"{title}: every configuration\n\n{runs_table(summarize(runs))}")
         for layers, group in sorted(sets.items(), key=lambda kv: kv[0]):
             name = title + (f", pruned {', '.join(layers)}" if layers else "")
-            rules = sorted(set(zip(group["block_size"], group["min_blocks"].fillna(0).astype(int))))
-            if task != "ctr" and any(m for _, m in rules):
-                name += " (min_blocks " + ", ".join(f"B={b}: {m or 100}" for b, m in rules) + ")"
+            recorded = group["min_blocks"].fillna(0).astype(int)
+            if task != "ctr" and recorded.any():  # an unrecorded min_blocks is the default, 100
+                rules = sorted({(b, m or 100) for b, m in zip(group["block_size"], recorded)})
+                name += " (min_blocks " + ", ".join(f"B={b}: {m}" for b, m in rules) + ")"
             plain, variants = group[group["variant"] == ""], group[group["variant"] != ""]
             if not plain.empty and (setting or plain["block_size"].nunique() > 1):
                 summary = summarize(pd.concat([dense, plain]))

@@ -33,24 +33,13 @@ def planned_steps(trainer: pl.Trainer) -> int:
     return max(1, min(steps, trainer.max_steps) if trainer.max_steps not in (-1, None) else steps)
 
 
-def _param_groups(module: nn.Module, weight_decay: float, lr: float, logit_lr_scale: float = 1.0) -> list[dict]:
-    """Weight decay on matrices and kernels (SA++'s logits included, as in the paper); none on biases and norms.
-
-    With ``logit_lr_scale != 1`` SA++'s attention logits form a third group at ``lr * logit_lr_scale``.
-    """
-    from sapp_lightning.algorithms import BlockAttention
-
-    logit_ids = set()
-    if logit_lr_scale != 1.0:
-        logit_ids = {id(m.logits) for m in module.modules() if isinstance(m, BlockAttention)}
-    decay, no_decay, logits = [], [], []
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and kernels (SA++'s logits included, as in the paper); none on biases and norms."""
+    decay, no_decay = [], []
     for param in module.parameters():
         if param.requires_grad:
-            (logits if id(param) in logit_ids else decay if param.ndim > 1 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if logits:
-        groups.append({"params": logits, "weight_decay": weight_decay, "lr": lr * logit_lr_scale})
-    return groups
+            (decay if param.ndim > 1 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class ImageClassifier(pl.LightningModule):
@@ -58,10 +47,8 @@ class ImageClassifier(pl.LightningModule):
 
     ``lr`` is the peak learning rate at a global batch of ``lr_reference_batch`` (when given) and is
     scaled linearly with the actual global batch, ``datamodule.batch_size x devices x accumulation``
-    (the ImageNet recipe: 0.8 at 2048). ``logit_lr_scale`` multiplies the learning rate of SA++'s attention
-    logits (they are created by ``BlockPruning`` before ``configure_optimizers`` runs); the paper uses 1.
-    Logs ``train/loss`` and ``train/acc`` (top-1 on each training batch: the paper's Fig. 3) every step, and
-    ``{val,test}/{loss,acc}``.
+    (the ImageNet recipe: 0.8 at 2048). Logs ``train/loss`` and ``train/acc`` (top-1 on each training batch: the
+    paper's Fig. 3) every step, and ``{val,test}/{loss,acc}``.
     """
 
     def __init__(
@@ -75,7 +62,6 @@ class ImageClassifier(pl.LightningModule):
         warmup_epochs: float = 0.0,
         label_smoothing: float = 0.0,
         lr_reference_batch: int | None = None,
-        logit_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -120,7 +106,7 @@ class ImageClassifier(pl.LightningModule):
                 raise ValueError("lr_reference_batch needs a datamodule with a batch_size attribute to scale the LR")
             global_batch = batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
             lr = hp.lr * global_batch / hp.lr_reference_batch
-        groups = _param_groups(self, hp.weight_decay, lr, hp.logit_lr_scale)
+        groups = _param_groups(self, hp.weight_decay)
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
         total = planned_steps(self.trainer)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
@@ -147,7 +133,6 @@ class CTRModule(pl.LightningModule):
         lr: float = 2e-2,
         final_lr: float = 3e-4,
         weight_decay: float = 0.0,
-        logit_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -186,11 +171,7 @@ class CTRModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        if hp.logit_lr_scale == 1.0:
-            optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        else:  # SA++'s logits in a group of their own, at lr * logit_lr_scale
-            groups = _param_groups(self, hp.weight_decay, hp.lr, hp.logit_lr_scale)
-            optimizer = torch.optim.Adam(groups, lr=hp.lr)
+        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         total = planned_steps(self.trainer)
         ratio = hp.final_lr / hp.lr
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ratio ** min(1.0, step / total))
