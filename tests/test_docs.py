@@ -35,7 +35,9 @@ def commands(doc: Path) -> list[tuple[str, list[str]]]:
             if assignment:
                 variables[assignment[1]] = assignment[2]
                 continue
-            argv = shlex.split(re.sub(r"\$(\w+)", lambda m: variables.get(m[1], m[0]), line), comments=True)
+            for name, value in variables.items():
+                line = line.replace(f"${name}", value)
+            argv = shlex.split(line, comments=True)
             while argv and re.fullmatch(r"\w+=.*", argv[0]):
                 argv = argv[1:]
             if argv and argv[0] in PROGRAMS:

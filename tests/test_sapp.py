@@ -239,7 +239,13 @@ def test_clip_ties_rank_blocks_at_the_bound_by_logit_or_by_index():
     kept = {}
     for ties in ("logit", "index"):
         s = BlockSparsifier(
-            "sapp", 0.75, 4, min_blocks=1, plan=[("sparse", 1.0)], clip_ties=ties, clip_bounds=(0.1, 1.2),
+            "sapp",
+            0.75,
+            4,
+            min_blocks=1,
+            plan=[("sparse", 1.0)],
+            clip_ties=ties,
+            clip_bounds=(0.1, 1.2),
             logit_scale=1.0,  # the paper's A = N softmax(L), for the attention values below
         )
         s.prepare(model)
