@@ -42,12 +42,14 @@ def test_the_image_classifier_logs_its_training_accuracy_at_every_step(tmp_path)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     x = torch.randn(24, 3, 2, 2)
-    y = net(x).argmax(1)  # labels the untrained net already gets right: accuracy 1 at the first step
+    y = net(x).argmax(1)  # labels the untrained (and, at lr 0, unchanging) net gets right, then 1, 2, 4 per batch wrong
+    for start, wrong in ((0, 1), (8, 2), (16, 4)):
+        y[start : start + wrong] = (y[start : start + wrong] + 1) % 3
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     trainer = make_trainer(tmp_path, max_epochs=2, logger=CSVLogger(tmp_path), log_every_n_steps=1)
     trainer.fit(ImageClassifier(net, num_classes=3, lr=0.0), loader)
     accuracy = read_train_accuracy(tmp_path)
-    assert accuracy.index.tolist() == list(range(6)) and accuracy.tolist() == [1.0] * 6
+    assert accuracy.index.tolist() == list(range(6)) and accuracy.tolist() == [0.875, 0.75, 0.5] * 2
 
 
 @pytest.mark.parametrize(

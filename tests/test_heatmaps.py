@@ -79,14 +79,16 @@ def test_wandb_stores_the_heatmap_as_drawn_with_pruned_blocks_black_and_attentio
     assert len(list(run_dir.rglob("media/images/pruning/masks_*.png"))) == len(PLAN)  # and the overviews
 
 
-def test_by_default_the_overview_is_drawn_at_each_phase_end_and_each_layer_once_at_the_end(tmp_path):
+def test_by_default_the_overview_is_drawn_where_the_masks_change_and_each_layer_once_at_the_end(tmp_path):
     from pytorch_lightning.loggers import CSVLogger
 
     logger = CSVLogger(tmp_path, name="csv")
     trainer = make_trainer(tmp_path, [MaskHeatmaps(), pruning("acdc")], logger=logger)
     trainer.fit(TinyNet(), tiny_loader())
     masks = Path(logger.log_dir) / "masks"
-    assert len(list((masks / "overview").glob("*.png"))) == len(PLAN)  # each phase end but the last, and the end
+    # ACDC's phase ends at 16, 48, 64 and 72: the dense phases (16, 72) keep every block and the sparse phase ending
+    # at 64 kept the mask drawn at 48, so only 48 and the end of training show something new
+    assert sorted(p.name for p in (masks / "overview").glob("*.png")) == ["step0000048.png", f"step{STEPS:07d}.png"]
     assert [p.name for p in (masks / "fc1").glob("*.png")] == [f"step{STEPS:07d}.png"]
 
 

@@ -223,6 +223,21 @@ def test_a_variant_gets_rows_of_its_own_in_the_results_table():
     ]
 
 
+def test_a_sweep_over_a_setting_without_a_variant_label_keeps_its_values_apart(tmp_path):
+    for i, (plan, seed, value) in enumerate([("criteo", 0, 0.68), ("criteo", 1, 0.70), ("criteo_auto", 0, 0.99)]):
+        config = {"pruning": {"plan": plan, "logit_scale": 1.0, "block_size": 16}}
+        write_run(tmp_path / str(i), record("sapp", 0.9, 16, seed, value, task="ctr", config=config))
+    write_run(tmp_path / "old", record("sapp", 0.9, 16, 2, 0.69, task="ctr", config={"pruning": {"plan": "criteo"}}))
+    write_run(tmp_path / "gmp", record("gmp", 0.9, 16, 0, 0.75, task="ctr", config={"pruning": {"plan": "x"}}))
+    summary = summarize(load_runs(tmp_path))
+    # logit_scale, missing from the older run, is not compared; gmp's plan is gmp's own
+    assert [(s["algorithm"], s["variant"], s["n"]) for s in summary.to_dict("records")] == [
+        ("gmp", "", 1),
+        ("sapp", "pruning.plan=criteo", 3),
+        ("sapp", "pruning.plan=criteo_auto", 1),
+    ]
+
+
 # --- the committed stores -------------------------------------------------------------------------------------------
 def test_the_committed_stores_print_the_numbers_docs_results_md_shows():
     text = report(load_runs(STORES / "ctr25.jsonl"), paper="criteo")

@@ -1,4 +1,4 @@
-"""Block-mask heatmaps a person can read: an overview of all pruned layers at each phase end, and one figure per
+"""Block-mask heatmaps a person can read: an overview of all pruned layers at phase ends, and one figure per
 pruned layer when training ends, sent to W&B as images or saved as PNGs beside the other logs.
 
 Rows are fan-in blocks and columns fan-out blocks (the paper's kernel orientation). Pruned blocks are black;
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.loggers import WandbLogger
 
 from sapp_lightning import BlockPruning, BlockSparsifier, LayerState, PruningEvent
@@ -156,10 +157,13 @@ class MaskHeatmaps(pl.Callback):
     """Draw the block masks: all pruned layers in one overview (``overview``) at each phase end and when training
     ends, and each layer's own figure (``per_layer``) when training ends, or also at every phase end with
     ``per_layer_every_phase`` (a model with fewer than ``overview_min_layers`` pruned layers gets its layers'
-    figures at every phase end instead of an overview). Drawing costs a tenth of a second or more per figure, so
-    a run with many phases draws a few figures, not dozens. W&B gets them as images (``pruning/mask/<layer>``,
-    ``pruning/masks``); other loggers with a folder get PNGs under ``<log_dir>/masks/``. It listens to the
-    :class:`~sapp_lightning.BlockPruning` callback's sparsifier, so its place in the callback list does not matter.
+    figures at every phase end instead of an overview). A phase end draws only what is new: SA++'s colours change
+    every step, but another method's picture changes only with its masks, so a phase end where every block is kept
+    (ACDC's dense phases) or the masks are those last drawn draws nothing. Drawing costs a tenth of a second or more
+    per figure, so a run with many phases draws a few figures, not dozens. W&B gets them as images
+    (``pruning/mask/<layer>``, ``pruning/masks``); other loggers with a folder get PNGs under
+    ``<log_dir>/masks/``. It listens to the :class:`~sapp_lightning.BlockPruning` callback's sparsifier, so its
+    place in the callback list does not matter.
     """
 
     def __init__(
@@ -173,6 +177,7 @@ class MaskHeatmaps(pl.Callback):
         self.per_layer_every_phase = per_layer_every_phase
         self._trainer: pl.Trainer | None = None
         self._sparsifier: BlockSparsifier | None = None
+        self._drawn_masks: list[torch.Tensor] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         pruning = next((cb for cb in trainer.callbacks if isinstance(cb, BlockPruning)), None)
@@ -182,8 +187,21 @@ class MaskHeatmaps(pl.Callback):
         self._trainer = trainer
 
     def _on_event(self, sparsifier: BlockSparsifier, event: PruningEvent) -> None:
-        if event.kind == "phase_end" and event.phase is not None:
-            self._render(sparsifier, f"end of phase {event.segment_index} ({event.phase.name.lower()})", end=False)
+        if event.kind != "phase_end" or event.phase is None or not self._shows_something_new(sparsifier):
+            return
+        self._render(sparsifier, f"end of phase {event.segment_index} ({event.phase.name.lower()})", end=False)
+
+    def _shows_something_new(self, sparsifier: BlockSparsifier) -> bool:
+        states = sparsifier.layer_states()
+        if any(state.importance_name == "attention" for state in states):
+            return True
+        masks = [state.mask for state in states]
+        if all(bool(mask.all()) for mask in masks) or (
+            self._drawn_masks is not None and all(map(torch.equal, masks, self._drawn_masks))
+        ):
+            return False
+        self._drawn_masks = masks
+        return True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._sparsifier is not None and self._sparsifier.layers:

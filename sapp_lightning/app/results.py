@@ -198,7 +198,43 @@ def load_runs(sources: str | Path | Iterable[str | Path]) -> pd.DataFrame:
         else:
             raise FileNotFoundError(f"no such run folder or .jsonl file: {path}")
     frame = to_frame(records)
-    return frame[~frame.duplicated("key", keep="last")].reset_index(drop=True)
+    return label_differing_settings(frame[~frame.duplicated("key", keep="last")].reset_index(drop=True))
+
+
+#: The grid's own axes: runs that differ in these are different cells of one table, not different methods.
+_GRID_KEYS = {"_target_", "algorithm", "sparsity", "block_size", "min_blocks", "include", "exclude"}
+
+
+def label_differing_settings(frame: pd.DataFrame) -> pd.DataFrame:
+    """Give the plain runs of one method (same task, model, epochs and data) that were trained with different pruning
+    settings a variant each, naming the settings in which they differ (``pruning.plan=criteo``), so that a sweep
+    over ``pruning.plan`` without a ``variant`` label does not average two methods into one row. Only settings that
+    every one of those runs recorded are compared (a key added in a later version is not a difference).
+
+    Example:
+        >>> runs = [{"algorithm": "sapp", "sparsity": 0.9, "block_size": 16, "seed": seed,
+        ...          "config": {"pruning": {"plan": plan, "logit_scale": None}}}
+        ...         for plan in ("criteo", "criteo_auto") for seed in (0, 1)]
+        >>> label_differing_settings(to_frame(runs))["variant"].tolist()
+        ['pruning.plan=criteo', 'pruning.plan=criteo', 'pruning.plan=criteo_auto', 'pruning.plan=criteo_auto']
+    """
+    plain = frame[frame["variant"] == ""] if len(frame) else frame
+    labels: dict[int, str] = {}
+    for _, runs in plain.groupby(["task", "model", "epochs", "data", "algorithm"], dropna=False):
+        settings = [((r.get("config") or {}).get("pruning") or {}) for r in runs["record"]]
+        shared = set.intersection(*(set(s) for s in settings)) - _GRID_KEYS
+        differing = sorted(k for k in shared if len({json.dumps(s[k], sort_keys=True) for s in settings}) > 1)
+        for index, setting in zip(runs.index, settings):
+            if differing:
+                labels[index] = " ".join(f"pruning.{k}={_plain(setting[k])}" for k in differing)
+    if labels:
+        frame = frame.copy()
+        frame.loc[list(labels), "variant"] = pd.Series(labels)
+    return frame
+
+
+def _plain(value: Any) -> str:
+    return "null" if value is None else json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
 def append_jsonl(frame: pd.DataFrame, path: str | Path) -> tuple[int, int]:
