@@ -122,8 +122,8 @@ class SequentialAttentionPP(PruningAlgorithm):
             step moves the attention ``logit_scale`` times as far under Adam and ``logit_scale**2`` times under SGD,
             as a larger learning rate for the logits would, whatever optimizer and schedule the user built. Default
             10 (the paper's is 1): SGD's gradients leave the paper's attention near 1, and on the Fashion-MNIST
-            models 10 was ahead of 1, 3.16 and 30 (30 diverged at 95%); with Adam on the CTR model 1 did better,
-            so the CTR recipes set 1 (docs/results.md, "SA++ against gradual magnitude pruning").
+            models 10 was ahead of 1, 3.16 and 30 in all but one cell (30 diverged); with Adam on the CTR model 1
+            did better, so the CTR recipes set 1 (docs/results.md, "SA++ against gradual magnitude pruning").
         softmax_scope: ``"layer"`` (default, #2): a softmax over each layer's blocks times their number;
             ``"global"``: one softmax over the blocks of every pruned layer, times their total number.
         softmax_over: ``"all"`` blocks (default, #9, Algorithm 1) or only the ``"kept"`` ones.
