@@ -199,7 +199,11 @@ def _module():
                 try:
                     from torch.utils.cpp_extension import load_inline
 
-                    log.debug("building the fused CPU kernels (once per machine; SAPP_FUSED_KERNELS=0 skips them)")
+                    # a first use in an environment compiles for about a minute: say so before it seems to hang
+                    log.info(
+                        "loading the fused CPU kernels (compiled on first use in an environment, about a minute; "
+                        "SAPP_FUSED_KERNELS=0 skips them)"
+                    )
                     _state["module"] = load_inline(
                         "sapp_lightning_fused_v1",
                         cpp_sources=_SOURCE,

@@ -301,8 +301,10 @@ def result_figure(
                 off_scale |= _mark_off_scale(ax, x, y, limits, color, stack)
                 if len(levels) == 1:  # a single sparsity (the demo): the few values are worth printing
                     for xi, yi in zip(x, y):
+                        # on a white ground, so that the dense line (often at the same height) does not cross it
                         ax.annotate(f"{yi:.4g}", (xi, yi), xytext=(7, 0), textcoords="offset points", va="center",
-                                    fontsize=8, color=color)  # fmt: skip
+                                    fontsize=8, color=color, zorder=6,
+                                    bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none"})  # fmt: skip
                 if with_paper:
                     ref = [(xi, paper_value(setting, method, block, s)) for xi, s in zip(x, cell["sparsity"])]
                     ref = [(xi, v) for xi, v in ref if v is not None]
