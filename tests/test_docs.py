@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -99,3 +100,20 @@ def test_a_documented_command_parses(argv, tmp_path):
             main = {"sapp-results": cli.results, "sapp-export": cli.export}[program]
         with pytest.raises(Parsed):
             main(args)
+
+
+def test_every_python_m_command_a_comment_names_runs_as_a_script():
+    """``python -m MODULE`` in a recipe's or config's comments names a module that does something when run: a package
+    with ``__main__.py`` or a module with a script block (without one, Python imports it and exits without a word)."""
+    named = {
+        match
+        for path in [*(ROOT / "recipes").glob("*.yaml"), *(ROOT / "conf").rglob("*.yaml")]
+        for match in re.findall(r"python -m ([\w.]+)", path.read_text())
+    }
+    assert "sapp_lightning.app.configs" in named  # the comments do name some
+    for module in named:
+        spec = importlib.util.find_spec(module)
+        if spec.submodule_search_locations:  # a package: python -m runs its __main__
+            assert importlib.util.find_spec(f"{module}.__main__") is not None, module
+        else:
+            assert 'if __name__ == "__main__"' in Path(spec.origin).read_text(), module
