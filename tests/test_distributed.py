@@ -68,7 +68,12 @@ def ddp_trainer(tmp_path, callbacks, strategy="ddp_fork"):
 
 @pytest.mark.parametrize(
     "algorithm, strategy",
-    [("sapp", "ddp_fork"), ("acdc", "ddp_fork"), pytest.param("sapp", "ddp_spawn", marks=pytest.mark.slow)],
+    [
+        ("sapp", "ddp_fork"),
+        ("acdc", "ddp_fork"),
+        ("gmp", "ddp_fork"),
+        pytest.param("sapp", "ddp_spawn", marks=pytest.mark.slow),
+    ],
 )
 def test_ddp_masks_agree_on_every_rank_at_every_phase_boundary(tmp_path, free_port, algorithm, strategy):
     torch.manual_seed(0)
