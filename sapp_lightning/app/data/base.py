@@ -16,6 +16,10 @@ one. Three pieces make that work:
 The loader is deliberately not a ``DataLoader`` subclass: Lightning re-creates ``DataLoader`` objects to put its own
 ``DistributedSampler`` in (under DDP with ``use_distributed_sampler=True``), which would shard a second time. It
 leaves every other iterable alone, so the sharding here (rank and world size from the trainer) is the only one.
+
+Not torchdata's ``StatefulDataLoader`` (which Lightning resumes natively): its state is tied to the worker count. A
+state saved with 2 workers does not load into a loader with none, nor the reverse (torchdata 0.11: ``AssertionError:
+State doesn't contain key '_num_yielded'`` / ``'_snapshot'``), while a resumed run may change ``data.num_workers``.
 """
 
 from __future__ import annotations
