@@ -187,12 +187,16 @@ class MaskHeatmaps(pl.Callback):
         self._trainer = trainer
 
     def _on_event(self, sparsifier: BlockSparsifier, event: PruningEvent) -> None:
-        if event.kind != "phase_end" or event.phase is None or not self._shows_something_new(sparsifier):
+        if event.kind != "phase_end" or event.phase is None or not self._draws():
             return
-        self._render(sparsifier, f"end of phase {event.segment_index} ({event.phase.name.lower()})", end=False)
+        states = sparsifier.layer_states()  # copied once, for the check and the drawing
+        if self._shows_something_new(states):
+            self._render(states, f"end of phase {event.segment_index} ({event.phase.name.lower()})", end=False)
 
-    def _shows_something_new(self, sparsifier: BlockSparsifier) -> bool:
-        states = sparsifier.layer_states()
+    def _draws(self) -> bool:
+        return self._trainer is not None and self._trainer.is_global_zero
+
+    def _shows_something_new(self, states: list[LayerState]) -> bool:
         if any(state.importance_name == "attention" for state in states):
             return True
         masks = [state.mask for state in states]
@@ -204,12 +208,14 @@ class MaskHeatmaps(pl.Callback):
         return True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._sparsifier is not None and self._sparsifier.layers:
-            self._render(self._sparsifier, "end of training", end=True)
+        if self._sparsifier is not None and self._sparsifier.layers and self._draws():
+            self._render(self._sparsifier.layer_states(), "end of training", end=True)
 
     def figures(self, sparsifier: BlockSparsifier, step: int, phase: str, end: bool = True) -> dict[str, Figure]:
         """``{W&B key: figure}`` for the masks as they are now (``end``: training ended; else a phase did)."""
-        states = sparsifier.layer_states()
+        return self._figures(sparsifier.layer_states(), step, phase, end)
+
+    def _figures(self, states: list[LayerState], step: int, phase: str, end: bool) -> dict[str, Figure]:
         overview = self.overview and len(states) >= self.overview_min_layers
         per_layer = self.per_layer and (end or self.per_layer_every_phase or not overview)
         figures = {f"pruning/mask/{s.name}": layer_figure(s, step, phase) for s in states} if per_layer else {}
@@ -217,12 +223,11 @@ class MaskHeatmaps(pl.Callback):
             figures["pruning/masks"] = overview_figure(states, step, phase)
         return figures
 
-    def _render(self, sparsifier: BlockSparsifier, phase: str, end: bool) -> None:
+    def _render(self, states: list[LayerState], phase: str, end: bool) -> None:
         trainer = self._trainer
-        if trainer is None or not trainer.is_global_zero:
-            return
+        assert trainer is not None  # callers check _draws()
         step = trainer.global_step
-        figures = self.figures(sparsifier, step, phase, end)
+        figures = self._figures(states, step, phase, end)
         for logger in trainer.loggers:
             for key, fig in figures.items():
                 if isinstance(logger, WandbLogger):

@@ -218,7 +218,7 @@ def label_differing_settings(frame: pd.DataFrame) -> pd.DataFrame:
         >>> label_differing_settings(to_frame(runs))["variant"].tolist()
         ['pruning.plan=criteo', 'pruning.plan=criteo', 'pruning.plan=criteo_auto', 'pruning.plan=criteo_auto']
     """
-    plain = frame[frame["variant"] == ""] if len(frame) else frame
+    plain = frame[frame["variant"] == ""]
     labels: dict[int, str] = {}
     for _, runs in plain.groupby(["task", "model", "epochs", "data", "algorithm"], dropna=False):
         settings = [((r.get("config") or {}).get("pruning") or {}) for r in runs["record"]]
