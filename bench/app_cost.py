@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, quiet  # noqa: E402
+from bench.common import load, machine, quiet  # noqa: E402
 from bench.training_cost import Setting, time_config  # noqa: E402
 
 METHODS = ("dense", "sapp", "acdc", "magnitude", "powerprop", "gmp")
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     fits: dict[str, list[float]] = {m: [] for m in methods}
     steps: dict[tuple[str, str], list[float]] = {}
     spent: dict[str, dict[str, int]] = {}
+    loads: list[float] = []  # the 1-minute load average at the end of each round
     with tempfile.TemporaryDirectory(prefix="app-cost-") as tmp:
         for r in range(args.rounds):
             for m in methods:  # the app fits
@@ -83,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                 for phase in spent[m]:
                     step = time_config(setting, m, phase, seed=r)[1]
                     steps.setdefault((m, phase), []).append(step / dense_step)
+            loads.append(load())
             line = " ".join(f"{m}={fits[m][-1] / fits['dense'][-1]:.2f}" for m in methods[1:])
-            print(f"[round {r + 1}/{args.rounds}] app fit / dense fit: {line}", flush=True)
+            print(f"[round {r + 1}/{args.rounds}] app fit / dense fit: {line} (load {loads[-1]:.2f})", flush=True)
     rows = {}
     for m in methods[1:]:
         total = sum(spent[m].values())
@@ -114,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         ok = "met" if statistics.median(row["app_over_step"]) <= TARGET else "missed"
         print(f"| {m} | {phases} | {cell(row['app_ratio'])} | {cell(row['step_ratio'])} | "
               f"{cell(row['app_over_step'])} | {TARGET:.2f}: {ok} |")  # fmt: skip
-    print(f"\ndense fit: {statistics.median(fits['dense']):.1f} s (median)")
-    record = {"machine": machine(), "epochs": args.epochs, "threads": args.threads, "rounds": args.rounds, **rows}
+    dense_fit = statistics.median(fits["dense"])
+    print(f"\ndense fit: {dense_fit:.1f} s (median); load average {min(loads):.2f}-{max(loads):.2f} after the rounds")
+    record = {"machine": machine(), "epochs": args.epochs, "threads": args.threads, "rounds": args.rounds,
+              "load_average": loads, **rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
     print(f"written to {args.out}")

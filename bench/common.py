@@ -13,6 +13,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,6 +78,11 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def load() -> float:
+    """The 1-minute load average now (other processes on this machine skew a timing; the rows record it)."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def median(values: list[float]) -> float:

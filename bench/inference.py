@@ -48,7 +48,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import interleaved_times, machine, prune_like_committed_  # noqa: E402
+from bench.common import interleaved_times, load, machine, prune_like_committed_  # noqa: E402
 from sapp_lightning.export import (  # noqa: E402
     BlockSparseConv2d,
     BlockSparseLinear,
@@ -118,11 +118,6 @@ def time_alone(
             break
         time.sleep(5)
     return best[0], {"other_cores": round(best[1], 3), "tries": attempt}
-
-
-def load() -> float:
-    """The 1-minute load average now (other processes on this machine skew a timing; the rows record it)."""
-    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def on_threads(threads: int, fn: Callable[[], Any]) -> Any:
