@@ -106,7 +106,7 @@ def layer_figure(state: LayerState, step: int, phase: str) -> Figure:
         fontsize=10,
     )
     if norm is not None:
-        _colorbar(fig, image, ax, "attention A = N·softmax(L) (log scale)")
+        _colorbar(fig, image, ax, "attention A = N·softmax(k·L) (log scale)")  # k: logit_scale
     return fig
 
 

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 class KeptAttentionRange:
-    """A sparsifier listener: SA++'s kept-block attention ``A = N softmax(L)`` per pruned layer, as
+    """A sparsifier listener: SA++'s kept-block attention ``A = N softmax(k L)`` per pruned layer, as
     ``{layer: [min, max]}``, taken at the commit event, right before ``A`` is folded into the weights (nothing for
     the other algorithms and for ``score=magnitude``). A range close to ``[1, 1]`` means the logits barely moved.
     A class, not a closure: under ``ddp_spawn`` the callback that holds it is pickled."""
